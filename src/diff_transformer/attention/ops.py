@@ -1,0 +1,121 @@
+"""The public differential attention op and its backend choice.
+
+``differential_attention(q1, q2, k1, k2, v, lam)`` has one signature for every backend:
+
+- ``reference``: eager fp32 (see reference.py); the oracle, slow, O(N²) memory.
+- ``sdpa``: PyTorch's fused attention, two or four calls (see sdpa.py).
+- ``triton``: the fused single-pass kernel (see triton/), CUDA only.
+- ``auto``: ``triton`` on CUDA when it is installed and supports the inputs, else ``sdpa``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from . import reference, sdpa
+
+Backend = Literal["auto", "reference", "sdpa", "triton"]
+BACKENDS = ("auto", "reference", "sdpa", "triton")
+
+
+@functools.cache
+def _triton_module():
+    """The Triton backend module, or None when Triton (or the kernel package) is unavailable."""
+    try:
+        from . import triton as triton_backend  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        return None
+    return triton_backend
+
+
+def triton_available() -> bool:
+    return _triton_module() is not None
+
+
+def _check_inputs(q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor, v: Tensor, lam: Tensor) -> None:
+    if q1.dim() != 4 or q1.shape != q2.shape:
+        raise ValueError(f"q1 and q2 must both be (B, H, N, d); got {tuple(q1.shape)} and {tuple(q2.shape)}")
+    b, h, n, d = q1.shape
+    for name, k in (("k1", k1), ("k2", k2)):
+        if k.dim() != 4 or k.shape[0] != b or k.shape[-1] != d:
+            raise ValueError(f"{name} must be (B={b}, H_kv, M, d={d}); got {tuple(k.shape)}")
+    if k1.shape != k2.shape:
+        raise ValueError(f"k1 and k2 must have one shape; got {tuple(k1.shape)} and {tuple(k2.shape)}")
+    h_kv, m = k1.shape[1], k1.shape[2]
+    if h % h_kv:
+        raise ValueError(f"query heads H={h} must be a multiple of kv heads H_kv={h_kv}")
+    if v.dim() != 4 or v.shape[:3] != (b, h_kv, m):
+        raise ValueError(f"v must be (B={b}, H_kv={h_kv}, M={m}, dv); got {tuple(v.shape)}")
+    if lam.dim() not in (0, 3) or (lam.dim() == 3 and lam.shape != (b, h, n)):
+        raise ValueError(f"lam must be 0-d (V1) or (B, H, N) = {(b, h, n)} (V2); got {tuple(lam.shape)}")
+    dtypes = {t.dtype for t in (q1, q2, k1, k2, v)}
+    if len(dtypes) != 1:
+        raise ValueError(f"q, k and v must share one dtype; got {sorted(map(str, dtypes))}")
+    devices = {t.device for t in (q1, q2, k1, k2, v, lam)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device; got {sorted(map(str, devices))}")
+
+
+def resolve_backend(backend: str, q1: Tensor, k1: Tensor, k2: Tensor, v: Tensor) -> str:
+    """The concrete backend ``backend`` means for these inputs."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "auto":
+        mod = _triton_module()
+        if q1.is_cuda and mod is not None and mod.supports(q1, k1, k2, v):
+            return "triton"
+        return "sdpa"
+    if backend == "triton" and _triton_module() is None:
+        raise RuntimeError("backend='triton' needs the triton package and a CUDA device; use backend='sdpa'")
+    return backend
+
+
+def differential_attention(
+    q1: Tensor,
+    q2: Tensor,
+    k1: Tensor,
+    k2: Tensor,
+    v: Tensor,
+    lam: Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    backend: Backend = "auto",
+) -> Tensor:
+    """softmax(s·q1k1ᵀ)·v − λ·softmax(s·q2k2ᵀ)·v, per differential head.
+
+    Args:
+        q1, q2: (B, H, N, d) queries of the two branches.
+        k1, k2: (B, H_kv, M, d) keys; head ``i`` uses kv head ``i // (H / H_kv)`` in both branches.
+            DIFF V2 passes the same tensor twice (``k1 is k2``).
+        v: (B, H_kv, M, dv) values (dv = 2d for V1, d for V2).
+        lam: 0-d λ (V1) or (B, H, N) per-token λ (V2); fp32 is recommended.
+        causal: mask future keys; when N < M the queries are the last N positions.
+        scale: score scale, default 1/sqrt(d).
+        backend: "auto", "reference", "sdpa" or "triton".
+
+    Returns:
+        (B, H, N, dv) in the dtype of ``v``. No normalisation is applied here.
+    """
+    _check_inputs(q1, q2, k1, k2, v, lam)
+    which = resolve_backend(backend, q1, k1, k2, v)
+    if which == "reference":
+        return reference.differential_attention(q1, q2, k1, k2, v, lam, causal=causal, scale=scale)
+    if which == "sdpa":
+        return sdpa.differential_attention(q1, q2, k1, k2, v, lam, causal=causal, scale=scale)
+    return _triton_module().differential_attention(q1, q2, k1, k2, v, lam, causal=causal, scale=scale)
+
+
+def softmax_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None, backend: Backend = "auto"
+) -> Tensor:
+    """The baseline's attention with the same conventions: q (B, H, N, d), k/v (B, H_kv, M, ·)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "reference":
+        return reference.attention(q, k, v, causal=causal, scale=scale)
+    return sdpa.attention(q, k, v, causal=causal, scale=scale)  # SDPA picks cuDNN/flash itself

@@ -1,0 +1,108 @@
+"""Differential attention on ``torch.nn.functional.scaled_dot_product_attention``.
+
+Differential attention is linear in its two softmax maps, so it is the difference of two ordinary
+attention calls: ``softmax(l1) v - λ softmax(l2) v``. How to cut it into SDPA calls is a speed
+choice (the result is the same):
+
+- ``"stacked"``: one call over both branches' 2H query heads, when the branches share keys
+  (DIFF V2 passes ``k1 is k2``) and the value is as wide as the keys.
+- ``"two"``: one call per branch with the full value width dv.
+- ``"four"``: the value split into halves of width d, four calls with equal q/k/v widths. CUDA's
+  flash kernels need equal widths; on an H200 this was the fastest DIFF V1 path at N >= 4K
+  (see benchmarks/NOTES.md).
+
+``"auto"`` takes ``stacked`` where legal, ``four`` on CUDA when dv = 2d, else ``two``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .reference import causal_mask
+
+Pattern = Literal["auto", "stacked", "two", "four"]
+
+# SDPA takes enable_gqa from torch 2.5 on; older versions get the kv heads expanded.
+_HAS_ENABLE_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None) -> Tensor:
+    """Softmax attention with GQA and a bottom-right causal mask when N < M.
+
+    q (B, H, N, d), k (B, H_kv, M, d), v (B, H_kv, M, dv) -> (B, H, N, dv).
+    """
+    n, m = q.shape[-2], k.shape[-2]
+    mask, is_causal = None, False
+    if causal and n == m:
+        is_causal = True
+    elif causal and n > 1:  # n == 1 sees every cached key: no mask needed
+        mask = causal_mask(n, m, q.device)
+    kwargs = {}
+    if k.shape[1] != q.shape[1]:
+        if _HAS_ENABLE_GQA and mask is None:
+            kwargs["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, **kwargs)
+
+
+def _combine(o1: Tensor, o2: Tensor, lam: Tensor) -> Tensor:
+    """o1 - λ o2 in fp32, returned in o1's dtype. λ is 0-d or (B, H, N)."""
+    lam = lam.float()
+    if lam.dim() == 3:
+        lam = lam[..., None]  # (B, H, N, 1)
+    return (o1.float() - lam * o2.float()).to(o1.dtype)
+
+
+def choose_pattern(q1: Tensor, k1: Tensor, k2: Tensor, v: Tensor) -> Pattern:
+    d, dv = q1.shape[-1], v.shape[-1]
+    if k1 is k2 and dv == d:
+        return "stacked"
+    if q1.is_cuda and dv == 2 * d:
+        return "four"
+    return "two"
+
+
+def differential_attention(
+    q1: Tensor,
+    q2: Tensor,
+    k1: Tensor,
+    k2: Tensor,
+    v: Tensor,
+    lam: Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    pattern: Pattern = "auto",
+) -> Tensor:
+    """(B, H, N, dv) = softmax(s q1 k1ᵀ) v - λ softmax(s q2 k2ᵀ) v, through SDPA calls."""
+    scale = q1.shape[-1] ** -0.5 if scale is None else scale
+    if pattern == "auto":
+        pattern = choose_pattern(q1, k1, k2, v)
+    if pattern == "stacked":
+        if k1 is not k2 or v.shape[-1] != q1.shape[-1]:
+            raise ValueError("pattern='stacked' needs k1 is k2 and a value as wide as the keys")
+        b, h, n, d = q1.shape
+        # Interleave the branches: query head 2i+b keeps kv head i // (H/H_kv) under SDPA's GQA rule.
+        q = torch.stack((q1, q2), dim=2).reshape(b, 2 * h, n, d)  # (B, 2H, N, d)
+        o = attention(q, k1, v, causal=causal, scale=scale).view(b, h, 2, n, -1)  # (B, H, 2, N, dv)
+        return _combine(o[:, :, 0], o[:, :, 1], lam)
+    if pattern == "two":
+        o1 = attention(q1, k1, v, causal=causal, scale=scale)
+        o2 = attention(q2, k2, v, causal=causal, scale=scale)
+        return _combine(o1, o2, lam)
+    if pattern == "four":
+        if v.shape[-1] % 2:
+            raise ValueError(f"pattern='four' splits the value width in halves; got odd width {v.shape[-1]}")
+        va, vb = v.chunk(2, dim=-1)  # (B, H_kv, M, dv/2) each
+        o1 = torch.cat([attention(q1, k1, va, causal=causal, scale=scale),
+                        attention(q1, k1, vb, causal=causal, scale=scale)], dim=-1)
+        o2 = torch.cat([attention(q2, k2, va, causal=causal, scale=scale),
+                        attention(q2, k2, vb, causal=causal, scale=scale)], dim=-1)
+        return _combine(o1, o2, lam)
+    raise ValueError(f"unknown SDPA pattern {pattern!r}; choose auto, stacked, two or four")

@@ -1,0 +1,88 @@
+"""This project's own model format: ``config.json`` + ``model.safetensors``.
+
+Loading never unpickles: tensors come from safetensors and metadata from JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "diff-transformer"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def model_state(model) -> dict[str, torch.Tensor]:
+    """The state dict without the tied output head (stored once, as the embedding)."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_pretrained(model, directory) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{WEIGHTS_NAME}.tmp"
+    save_file(model_state(model), str(tmp), metadata={"format": FORMAT})
+    os.replace(tmp, directory / WEIGHTS_NAME)
+    _atomic_write_text(directory / CONFIG_NAME, json.dumps({"format": FORMAT, **model.config.to_dict()}, indent=2))
+
+
+def load_config(directory) -> ModelConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: point at a folder written by save_pretrained")
+    data = json.loads(path.read_text())
+    if data.pop("format", None) != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} config (a Hugging Face folder? use `diff-transformer import`)")
+    return ModelConfig.from_dict(data)
+
+
+def load_state(model, state: dict[str, torch.Tensor], source: str = "state") -> None:
+    """Load ``state`` into ``model`` strictly, with one message naming every mismatch."""
+    expected = model_state(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        details = []
+        if missing:
+            details.append(f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}")
+        if unexpected:
+            details.append(f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+        if wrong:
+            k = wrong[0]
+            details.append(f"shape of {k}: {tuple(state[k].shape)} in {source}, {tuple(expected[k].shape)} in the model")
+        raise ValueError(f"{source} does not match the model config ({'; '.join(details)})")
+    model.load_state_dict(state, strict=not model.config.tie_embeddings)
+
+
+def from_pretrained(directory, *, device="cpu"):
+    from .model import DiffTransformerLM
+
+    directory = Path(directory)
+    config = load_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: the folder holds a config but no weights")
+    with torch.device("meta"):
+        model = DiffTransformerLM(config)
+    model = model.to_empty(device=device)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    load_state(model, load_file(str(weights), device=str(device)), source=str(weights))
+    return model
