@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_type_hints
 
+from .errors import UserError
+
 Attention = Literal["diff", "diff_v2", "baseline"]
 AttnBackend = Literal["auto", "reference", "sdpa", "triton"]
 
@@ -24,7 +26,7 @@ def lambda_init_schedule(layer_idx: int) -> float:
     return 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
