@@ -106,7 +106,7 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def replace(self, **changes: Any) -> "ModelConfig":
-        """A copy with ``changes`` applied; derived fields left at None are derived again."""
+        """A copy with ``changes`` applied. Derived fields (head_dim, ffn_dim, ...) keep their values unless changed."""
         return ModelConfig.from_dict({**self.to_dict(), **changes})
 
 
