@@ -26,16 +26,26 @@ def make_inputs(b, h, h_kv, n, m, d, dv, dtype, v2=False, seed=0):
     return q1, q2, k1, k2, v, lam
 
 
-def grads(out, inputs, seed=1):
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+def grads(out, inputs, seed=1, like=None):
+    """Gradients of <out, g> for a fixed random g, rounded to ``like``'s dtype so fp32 truth sees the same g."""
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    g = g.to((like if like is not None else out).dtype).to(out.dtype)
     unique = list({id(t): t for t in inputs}.values())
     return torch.autograd.grad(out, unique, g)
 
 
 def rel_err(a, b):
-    """‖a − b‖ / ‖b‖, with ‖b‖ floored at 1e-2·sqrt(numel) so exactly-zero gradients (N = 1) compare absolutely."""
+    """‖a − b‖ / ‖b‖, with ‖b‖ floored at 0.1·sqrt(numel) so exactly-zero gradients (N = 1) compare absolutely."""
     a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-2 * b.numel() ** 0.5)).item()
+    return ((a - b).norm() / b.norm().clamp_min(0.1 * b.numel() ** 0.5)).item()
+
+
+def fp32_truth(inputs, causal):
+    """The reference on the same (possibly bf16) inputs upcast to fp32, with its gradients."""
+    up = [t.detach().float().requires_grad_() for t in inputs]
+    if inputs[2] is inputs[3]:
+        up[3] = up[2]
+    return up, differential_attention(*up, causal=causal, backend="reference")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -46,14 +56,14 @@ def rel_err(a, b):
 def test_sdpa_matches_reference_v1(dtype, causal, n, h, h_kv, pattern):
     d = 16
     inputs = make_inputs(2, h, h_kv, n, n, d, 2 * d, dtype, seed=n + h_kv)
-    ref = differential_attention(*inputs, causal=causal, backend="reference")
+    up, ref = fp32_truth(inputs, causal)  # bf16 is judged against fp32 math on the same inputs
     out = sdpa.differential_attention(*inputs, causal=causal, pattern=pattern)
     assert out.shape == (2, h, n, 2 * d) and out.dtype == dtype
     if dtype == torch.float32:
         torch.testing.assert_close(out, ref, **TOL[dtype])
-    else:  # bf16: both round differently; compare in relative norm
+    else:
         assert rel_err(out, ref) < 1e-2
-    for name, ga, gb in zip(["q1", "q2", "k1", "k2", "v", "lam"], grads(out, inputs), grads(ref, inputs)):
+    for name, ga, gb in zip(["q1", "q2", "k1", "k2", "v", "lam"], grads(out, inputs), grads(ref, up, like=out)):
         if dtype == torch.float32:
             torch.testing.assert_close(ga, gb, **TOL[dtype], msg=lambda m: f"grad {name}: {m}")
         elif name == "lam":
@@ -61,7 +71,9 @@ def test_sdpa_matches_reference_v1(dtype, causal, n, h, h_kv, pattern):
             bound = 2 * 2**-8 * lam_grad_mass(inputs, causal)
             assert (ga - gb).abs().item() <= bound, (ga, gb, bound)
         else:
-            assert rel_err(ga, gb) < 2e-2, name
+            # A shared kv head's gradient sums 2·H/H_kv bf16 partials (4·H/H_kv with the value split).
+            tol = 1e-2 if name.startswith("q") or h == h_kv else 1.5e-2
+            assert rel_err(ga, gb) < tol, name
 
 
 def lam_grad_mass(inputs, causal, seed=1):
@@ -81,12 +93,12 @@ def test_sdpa_matches_reference_v2(dtype, causal, n, h, h_kv):
     d = 16
     inputs = make_inputs(2, h, h_kv, n, n, d, d, dtype, v2=True, seed=n)
     assert sdpa.choose_pattern(inputs[0], inputs[2], inputs[3], inputs[4]) == "stacked"
-    ref = differential_attention(*inputs, causal=causal, backend="reference")
+    up, ref = fp32_truth(inputs, causal)
     out = differential_attention(*inputs, causal=causal, backend="sdpa")
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(out, ref) < tol
-    for name, ga, gb in zip(["q1", "q2", "k", "v", "lam"], grads(out, inputs), grads(ref, inputs)):
-        assert rel_err(ga, gb) < 2 * tol, name
+    for name, ga, gb in zip(["q1", "q2", "k", "v", "lam"], grads(out, inputs), grads(ref, up, like=out)):
+        assert rel_err(ga, gb) < tol, name
 
 
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])
