@@ -1,0 +1,427 @@
+"""The state-dict adapter to and from Hugging Face transformers' DiffLlama and Llama.
+
+A DIFF V1 model becomes a ``DiffLlamaForCausalLM``, a baseline a ``LlamaForCausalLM``; both ways are
+exact (the same function, up to fp32 rounding of one product per ``o_proj`` weight). The layouts
+differ as SPEC.md's "Interop" section says:
+
+- HF's ``num_attention_heads`` counts q sub-heads (``2H``) and pairs sub-head ``i`` with ``i + H``;
+  here sub-heads ``2i`` and ``2i + 1`` form differential head ``i``. kv heads likewise (``g`` with
+  ``g + H_kv`` there, ``2g`` and ``2g + 1`` here).
+- HF's value heads are ``d`` wide: this project's ``2d``-wide value head ``g`` is HF's v heads
+  ``g`` and ``g + H_kv``.
+- HF's per-head norm has no weight: the ``2d`` weight of the norm is folded into ``o_proj``'s
+  columns (both sides multiply by ``1 - λ_init`` after the norm). An imported model gets a norm
+  weight of ones.
+- RoPE is rotate-half on both sides, λ vectors map by name, λ_init follows the same schedule.
+
+Anything not exactly representable (DIFF V2, a DIFF model without the per-head norm, a constant
+λ_init, biases, RoPE scaling, an activation other than SiLU ...) is refused with a
+:class:`~diff_transformer.errors.UserError`, never converted approximately.
+
+transformers is an optional dependency (``pip install 'diff-transformer[hf]'``), imported lazily.
+Loading never unpickles: weights come from safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig, lambda_init_schedule
+from .errors import UserError
+from .model import DiffTransformerLM
+from .serialization import load_state
+
+ARCHITECTURES = {"diff": "DiffLlamaForCausalLM", "baseline": "LlamaForCausalLM"}
+MODEL_TYPES = {"diffllama": "diff", "llama": "baseline"}
+EOS_TOKEN = "<|endoftext|>"  # the EOS of this project's BPE tokenizers
+
+
+class HFExport(NamedTuple):
+    out_dir: Path
+    architecture: str  # "DiffLlamaForCausalLM" or "LlamaForCausalLM"
+    files: list[str]  # file names written into out_dir
+    notes: list[str]  # things the user should know (e.g. no tokenizer exported)
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise UserError(
+            "Hugging Face interop needs the optional dependency transformers (>= 4.48, for DiffLlama): "
+            "pip install 'diff-transformer[hf]'"
+        ) from e
+    return transformers
+
+
+# Layout permutations ---------------------------------------------------------------------------
+def _pairs_to_halves(w: Tensor, d: int) -> Tensor:
+    """Rows of sub-head pairs (2j, 2j+1) -> HF's halves (j, j + n): (2n·d, D) -> (2n·d, D).
+
+    Also turns a 2d-wide value head g into HF's d-wide v heads g and g + n (the same row move).
+    """
+    cols = w.shape[1]
+    return w.reshape(-1, 2, d, cols).transpose(0, 1).reshape(-1, cols)  # (n, 2, d, D) -> (2, n, d, D)
+
+
+def _halves_to_pairs(w: Tensor, d: int) -> Tensor:
+    """Inverse of :func:`_pairs_to_halves`."""
+    cols = w.shape[1]
+    return w.reshape(2, -1, d, cols).transpose(0, 1).reshape(-1, cols)  # (2, n, d, D) -> (n, 2, d, D)
+
+
+# Config mapping --------------------------------------------------------------------------------
+def check_exportable(config: ModelConfig) -> None:
+    """Raise UserError unless ``config`` is exactly a DiffLlama (diff) or a Llama (baseline)."""
+    if config.attention == "diff_v2":
+        raise UserError(
+            "DIFF V2 models cannot be exported to transformers: transformers has no DIFF V2 architecture "
+            "(DiffLlama implements DIFF V1 only). Keep this project's format (save_pretrained)."
+        )
+    if config.attention == "diff" and not config.head_norm:
+        raise UserError(
+            "this DIFF model has no per-head norm (head_norm=False, an ablation); DiffLlama always applies "
+            "it, so the export would compute a different function. Only head_norm=True DIFF models export."
+        )
+    if config.attention == "baseline" and config.head_norm:
+        raise UserError(
+            "this baseline has a per-head norm (head_norm=True); Llama has none. "
+            "Only baselines with head_norm=False export to LlamaForCausalLM."
+        )
+    if config.attention == "diff":
+        bad = [l for l in range(config.n_layers) if config.layer_lambda_init(l) != lambda_init_schedule(l)]
+        if bad:
+            raise UserError(
+                f"lambda_init={config.lambda_init} (a constant λ_init ablation) differs from the depth schedule "
+                f"0.8 - 0.6·exp(-0.3·l) that DiffLlama hard-codes (layer(s) {bad[:4]}); transformers' "
+                "DiffLlamaConfig has no setting for it, so this model cannot be exported exactly."
+            )
+    if config.attention == "baseline" and config.dim % config.n_heads:
+        raise UserError(
+            f"transformers' LlamaConfig requires hidden_size divisible by num_attention_heads; this baseline has "
+            f"dim={config.dim}, n_heads={config.n_heads} (head_dim={config.head_dim}), which Llama refuses."
+        )
+
+
+def hf_config(config: ModelConfig, *, eos_token_id: int | None = None, bos_token_id: int | None = None):
+    """The transformers config (DiffLlamaConfig or LlamaConfig) of ``config``."""
+    check_exportable(config)
+    tf = _transformers()
+    fields: dict[str, Any] = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.dim,
+        intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,  # DIFF: HF counts q sub-heads, 2 per differential head
+        num_key_value_heads=config.n_kv_heads,
+        head_dim=config.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=config.max_seq_len,
+        initializer_range=float(config.init_std),
+        rms_norm_eps=float(config.norm_eps),  # DiffLlama uses it for the per-head norm too, as we do
+        tie_word_embeddings=config.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
+        attention_bias=False,
+        attention_dropout=0.0,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=None,
+    )
+    if config.attention == "diff":
+        return tf.DiffLlamaConfig(**fields, lambda_std_dev=float(config.lambda_std))
+    return tf.LlamaConfig(**fields, mlp_bias=False)
+
+
+def _get(hf_cfg, name: str, default: Any = None) -> Any:
+    return getattr(hf_cfg, name, default)
+
+
+def _rope_theta(hf_cfg) -> float:
+    """rope_theta of a plain (unscaled, full-width) RoPE config; UserError otherwise."""
+    params = _get(hf_cfg, "rope_parameters")
+    if params is None:  # transformers 4.x keeps rope_theta and rope_scaling as attributes
+        params = {"rope_type": "default", "rope_theta": _get(hf_cfg, "rope_theta", 10000.0),
+                  **(_get(hf_cfg, "rope_scaling") or {})}
+    params = dict(params)
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    theta = params.pop("rope_theta", _get(hf_cfg, "rope_theta", 10000.0))
+    if params.get("partial_rotary_factor", 1.0) == 1.0:
+        params.pop("partial_rotary_factor", None)
+    if rope_type != "default" or params:
+        raise UserError(
+            f"this model uses RoPE {rope_type!r} with {params or 'no extra settings'}; only plain RoPE "
+            "(rope_type 'default', full head width, no scaling) is implemented here, so it cannot be imported exactly"
+        )
+    return float(theta)
+
+
+def config_from_hf(hf_cfg) -> ModelConfig:
+    """This project's ModelConfig for a DiffLlama/Llama transformers config; UserError if inexact."""
+    model_type = _get(hf_cfg, "model_type")
+    if model_type not in MODEL_TYPES:
+        raise UserError(
+            f"model_type {model_type!r} is not supported: only 'diffllama' (DIFF V1) and 'llama' (the baseline) "
+            "map exactly onto this project's model"
+        )
+    attention = MODEL_TYPES[model_type]
+    if _get(hf_cfg, "hidden_act", "silu") != "silu":
+        raise UserError(
+            f"hidden_act={hf_cfg.hidden_act!r}: this project's MLP is SwiGLU with SiLU only; cannot import exactly"
+        )
+    for name in ("attention_bias", "mlp_bias"):
+        if _get(hf_cfg, name, False):
+            raise UserError(f"{name}=True: this project's layers have no biases, so the model cannot be imported exactly")
+    if _get(hf_cfg, "quantization_config") is not None:
+        raise UserError("quantized checkpoints cannot be imported: export the model in full precision first")
+    rope_theta = _rope_theta(hf_cfg)
+    n_heads = hf_cfg.num_attention_heads
+    fields: dict[str, Any] = dict(
+        vocab_size=hf_cfg.vocab_size,
+        dim=hf_cfg.hidden_size,
+        n_layers=hf_cfg.num_hidden_layers,
+        n_heads=n_heads,
+        n_kv_heads=_get(hf_cfg, "num_key_value_heads") or n_heads,
+        head_dim=_get(hf_cfg, "head_dim") or hf_cfg.hidden_size // n_heads,
+        ffn_dim=hf_cfg.intermediate_size,
+        max_seq_len=hf_cfg.max_position_embeddings,
+        rope_theta=rope_theta,
+        norm_eps=float(hf_cfg.rms_norm_eps),
+        tie_embeddings=bool(_get(hf_cfg, "tie_word_embeddings", False)),
+        attention=attention,
+        lambda_init=None,  # DiffLlama's λ_init is the depth schedule
+        head_norm=attention == "diff",
+        init_std=float(_get(hf_cfg, "initializer_range", 0.02)),
+    )
+    if attention == "diff" and _get(hf_cfg, "lambda_std_dev") is not None:
+        fields["lambda_std"] = float(hf_cfg.lambda_std_dev)
+    return ModelConfig(**fields)
+
+
+# State mapping ---------------------------------------------------------------------------------
+def state_to_hf(model: DiffTransformerLM) -> dict[str, Tensor]:
+    """HF-named fp32 CPU tensors of ``model`` (lm_head included, equal to the embedding when tied)."""
+    cfg = model.config
+    check_exportable(cfg)
+    d, diff = cfg.head_dim, cfg.attention == "diff"
+    ours = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    out: dict[str, Tensor] = {}
+    for name, w in ours.items():
+        if name.endswith("self_attn.head_norm.weight"):
+            continue  # folded into o_proj below
+        if diff and name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            w = _pairs_to_halves(w, d)
+        elif diff and name.endswith("o_proj.weight"):
+            norm_w = ours[name.replace("o_proj.weight", "head_norm.weight")]  # (2d,)
+            w = w * norm_w.repeat(cfg.n_heads // 2)[None, :]  # scale the columns of every head's 2d block
+        out[name if name == "lm_head.weight" else f"model.{name}"] = w.contiguous()
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def state_from_hf(config: ModelConfig, hf_state: dict[str, Tensor], source: str = "the transformers model") -> dict[str, Tensor]:
+    """This project's state dict (fp32) from HF-named tensors; UserError on missing/extra tensors."""
+    d, diff = config.head_dim, config.attention == "diff"
+    state: dict[str, Tensor] = {}
+    for name, w in hf_state.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # a RoPE buffer some old checkpoints carry; recomputed from rope_theta
+        if name == "lm_head.weight":
+            if config.tie_embeddings:
+                continue  # tied: transformers uses the embedding, whatever the file holds
+            key = name
+        elif name.startswith("model."):
+            key = name[len("model."):]
+        else:
+            raise UserError(f"{source} holds tensor {name!r}, which a (Diff)LlamaForCausalLM does not have")
+        w = w.detach().to("cpu", torch.float32)
+        if diff and key.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            w = _halves_to_pairs(w, d)
+        state[key] = w.contiguous()
+    if diff:
+        for i in range(config.n_layers):
+            state[f"layers.{i}.self_attn.head_norm.weight"] = torch.ones(2 * d)  # HF's norm has no weight
+    return state
+
+
+def _model_from_state(config: ModelConfig, state: dict[str, Tensor], source: str) -> DiffTransformerLM:
+    with torch.device("meta"):
+        model = DiffTransformerLM(config)
+    model = model.to_empty(device="cpu")
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    try:
+        load_state(model, state, source=source)
+    except ValueError as e:
+        raise UserError(f"cannot import: {e}") from e
+    return model
+
+
+# Public API ------------------------------------------------------------------------------------
+def to_transformers(model: DiffTransformerLM, *, attn_implementation: str = "sdpa",
+                    eos_token_id: int | None = None, bos_token_id: int | None = None):
+    """An fp32 CPU ``DiffLlamaForCausalLM`` (DIFF V1) or ``LlamaForCausalLM`` (baseline) computing the
+    same function as ``model``. Raises UserError for models transformers cannot represent exactly."""
+    tf = _transformers()
+    cfg = hf_config(model.config, eos_token_id=eos_token_id, bos_token_id=bos_token_id)
+    cls = getattr(tf, ARCHITECTURES[model.config.attention])
+    hf_model = cls._from_config(cfg, attn_implementation=attn_implementation, dtype=torch.float32)
+    state = state_to_hf(model)
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (model.config.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:  # a transformers version with other parameter names
+        raise UserError(f"transformers {tf.__version__} {cls.__name__} has parameters {missing} we do not map "
+                        f"and lacks {unexpected}; this transformers version is not supported")
+    if model.config.tie_embeddings and hf_model.lm_head.weight.data_ptr() != hf_model.model.embed_tokens.weight.data_ptr():
+        hf_model.tie_weights()
+    hf_model.generation_config.eos_token_id = eos_token_id  # what generate() stops at
+    hf_model.generation_config.bos_token_id = bos_token_id
+    return hf_model.eval()
+
+
+def from_transformers(hf_model) -> DiffTransformerLM:
+    """This project's model (fp32, CPU) from a ``DiffLlamaForCausalLM`` or ``LlamaForCausalLM``."""
+    state = hf_model.state_dict()
+    if "lm_head.weight" not in state:
+        raise UserError(
+            f"{type(hf_model).__name__} has no lm_head: pass a DiffLlamaForCausalLM or LlamaForCausalLM, "
+            "not the bare decoder"
+        )
+    config = config_from_hf(hf_model.config)
+    return _model_from_state(config, state_from_hf(config, state), f"{type(hf_model).__name__}")
+
+
+def _tokenizer_json(tokenizer: str | os.PathLike | None) -> Path | None:
+    if tokenizer is None:
+        return None
+    path = Path(tokenizer)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    return path if path.is_file() else None
+
+
+def _tokenizer_files(tok_json: Path, config: ModelConfig) -> tuple[dict[str, Any], int | None, list[str]]:
+    """tokenizer_config.json content, the EOS id (or None) and notes, for a `tokenizers` JSON file."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(tok_json))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise UserError(f"{tok_json} is not a tokenizers JSON file ({e})") from e
+    if tok.get_vocab_size(with_added_tokens=True) > config.vocab_size:
+        raise UserError(
+            f"{tok_json} has {tok.get_vocab_size(with_added_tokens=True)} tokens but the model only "
+            f"{config.vocab_size}: this tokenizer does not belong to the model"
+        )
+    tok_config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": config.max_seq_len,
+        "clean_up_tokenization_spaces": False,
+    }
+    eos_id = tok.token_to_id(EOS_TOKEN)
+    notes = []
+    if eos_id is None:
+        notes.append(f"the tokenizer has no {EOS_TOKEN} token: no eos_token set, generation stops only at max_new_tokens")
+    else:
+        tok_config["eos_token"] = EOS_TOKEN
+    return tok_config, eos_id, notes
+
+
+def _add_legacy_rope_theta(path: Path) -> None:
+    """Also write ``rope_theta`` at the top level: transformers 4.x reads it there and ignores
+    ``rope_parameters`` (it would silently fall back to 10000); 5.x reads it into ``rope_parameters``."""
+    data = json.loads(path.read_text())
+    data["rope_theta"] = data["rope_parameters"]["rope_theta"]
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def export_hf(model: DiffTransformerLM, tokenizer: str | os.PathLike | None, out_dir: str | os.PathLike,
+              ) -> HFExport:
+    """Write ``model`` as a transformers folder: config.json, model.safetensors, generation_config.json
+    and, for a `tokenizers` tokenizer (a folder holding tokenizer.json, or the file), tokenizer.json +
+    tokenizer_config.json.
+
+    ``out_dir`` must not exist or be empty; the folder appears at once (written to a temporary sibling,
+    then renamed), so nothing is overwritten and a failed export leaves nothing behind.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"{out_dir} already exists and is not an empty folder: choose a new --out folder")
+    check_exportable(model.config)
+    notes: list[str] = []
+    tok_json = _tokenizer_json(tokenizer)
+    tok_config, eos_id = None, None
+    if tok_json is not None:
+        tok_config, eos_id, tok_notes = _tokenizer_files(tok_json, model.config)
+        notes += tok_notes
+    elif tokenizer is None:
+        notes.append("no tokenizer given: the folder holds no tokenizer; tokenize inputs yourself")
+    else:
+        notes.append(f"no tokenizer.json at {tokenizer} (a byte tokenizer?): transformers has no equivalent, "
+                     "so no tokenizer was exported; token ids are the raw bytes 0..255")
+    hf_model = to_transformers(model, eos_token_id=eos_id)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        hf_model.save_pretrained(tmp)  # config.json, model.safetensors (tied head stored once), generation_config.json
+        _add_legacy_rope_theta(tmp / "config.json")
+        if tok_json is not None:
+            shutil.copyfile(tok_json, tmp / "tokenizer.json")
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files = sorted(p.name for p in out_dir.iterdir())
+    return HFExport(out_dir, ARCHITECTURES[model.config.attention], files, notes)
+
+
+def _load_safetensors(src: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    single, index = src / "model.safetensors", src / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(src / shard)))
+        return state
+    if any((src / n).exists() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise UserError(
+            f"{src} holds only pickled weights (pytorch_model.bin), which this project never loads (unpickling "
+            "runs arbitrary code). Convert them to safetensors first, e.g. "
+            "AutoModelForCausalLM.from_pretrained(src).save_pretrained(dst) in a trusted environment."
+        )
+    raise UserError(f"{src} holds no model.safetensors (or model.safetensors.index.json)")
+
+
+def import_hf(src_dir: str | os.PathLike) -> tuple[DiffTransformerLM, Path | None]:
+    """This project's model (fp32, CPU) from a DiffLlama/Llama transformers folder, and the path of the
+    folder's tokenizer.json (None when it has none). UserError for folders we cannot map exactly."""
+    src = Path(src_dir)
+    if not (src / "config.json").is_file():
+        raise UserError(f"{src} has no config.json: point at a transformers model folder")
+    tf = _transformers()
+    try:
+        hf_cfg = tf.AutoConfig.from_pretrained(str(src))
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"transformers cannot read {src / 'config.json'}: {e}") from e
+    config = config_from_hf(hf_cfg)
+    state = _load_safetensors(src)
+    model = _model_from_state(config, state_from_hf(config, state, str(src)), str(src))
+    return model, _tokenizer_json(src)
