@@ -1,0 +1,122 @@
+"""Distributed training through PyTorch's own engine: torchrun + DDP, or FSDP2 (``fully_shard``).
+
+Launch with ``torchrun --nproc_per_node N -m diff_transformer.cli train ...``; the same command runs
+on one process without torchrun. Backends: nccl on CUDA, gloo on the CPU. The global batch is fixed
+by ``train.batch_size``: each rank takes ``batch_size / world_size`` rows of every step's batch, so
+the data order does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import UserError
+from .config import Parallel
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("train.device=cuda but no CUDA device is available: use train.device=auto or cpu")
+        if device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def init_distributed(device_name: str = "auto") -> DistInfo:
+    """Join the process group that torchrun describes in the environment (none without torchrun)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=30))
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, info: DistInfo, op=None) -> torch.Tensor:
+    """In-place all-reduce (sum by default); a no-op on one process."""
+    if info.distributed:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def choose(mode: Parallel, info: DistInfo) -> str:
+    """The parallelism actually used: 'none' on one process; 'auto' means DDP."""
+    if not info.distributed:
+        return "none"
+    return "ddp" if mode in ("auto", "none") else mode
+
+
+def parallelize(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
+    """Wrap ``model`` (already on ``info.device``) for ``mode``. FSDP2 shards in place and returns it."""
+    if mode == "none":
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers:  # one communication unit per block, then the rest at the root
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    raise UserError(f"train.parallel={mode!r} is not one of ['auto', 'none', 'ddp', 'fsdp']")
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, mode: str, sync: bool):
+    """Skip the gradient all-reduce on accumulation micro-steps that are not the last."""
+    if sync or mode == "none":
+        yield
+    elif mode == "ddp":
+        with model.no_sync():
+            yield
+    else:  # fsdp
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)

@@ -1,0 +1,431 @@
+"""The training loop, and ``run_training``: data + run directory + trainer for one run.
+
+The trainer wires objects built elsewhere (model, optimizer, data batches, checkpoints,
+parallelism) and keeps the step as its state. The step is also the data position: batch ``s`` is a
+pure function of (seed, s), so resuming needs no data-loader state.
+
+Exit codes (``cli.py`` returns them): 0 done, 2 bad input (:class:`UserError`), 3 training
+diverged (:class:`TrainingDiverged`), 75 preempted (:class:`Preempted`: SIGTERM arrived, the step
+was finished and a checkpoint saved; run the same command again to resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ..data import Batches, eval_batches, prepare_dataset
+from ..errors import UserError
+from ..model import DiffTransformerLM
+from . import checkpoint as ckpt
+from . import rundir
+from .config import RunConfig
+from .optim import build_optimizer, lr_at, set_lr
+from .parallelize import DistInfo, all_reduce, barrier, choose, gradient_sync, init_distributed, parallelize
+
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the run saved a checkpoint and resumes when rerun
+
+
+class Preempted(Exception):
+    """SIGTERM arrived: the current step was finished and a checkpoint saved."""
+
+    exit_code = EXIT_PREEMPTED
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"stopped by SIGTERM after step {step}; checkpoint {path} saved: rerun the same command to resume")
+        self.step, self.path = step, path
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps and no rollback left."""
+
+    exit_code = EXIT_DIVERGED
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DIFF_TRANSFORMER_CACHE") or Path.home() / ".cache" / "diff-transformer")
+
+
+# Peak memory ------------------------------------------------------------------------------------
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # Linux: "5" resets the process's peak RSS (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or on the CPU the process's peak resident memory, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    status: Literal["completed", "preempted", "already_complete"]
+    step: int
+    num_parameters: int
+    metrics: list[dict] = field(default_factory=list)
+    tokens_per_s: float | None = None  # training steps only (no eval or checkpoint time), this session
+    peak_memory_mb: float | None = None
+
+    @property
+    def final_val_loss(self) -> float | None:
+        evals = [m for m in self.metrics if m.get("kind") == "eval"]
+        return evals[-1]["val_loss"] if evals else None
+
+
+class Trainer:
+    """Trains ``run.model`` on ``dataset`` into ``run_dir``. Use :func:`run_training` for a whole run."""
+
+    def __init__(self, run: RunConfig, dataset, run_dir, *, dist: DistInfo | None = None, progress: bool = True,
+                 log: Callable[[str], None] | None = None):
+        self.run, self.cfg = run, run.train
+        self.dataset, self.run_dir = dataset, Path(run_dir)
+        self.dist = dist or DistInfo()
+        self.progress = progress and self.dist.is_main
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        cfg, info = self.cfg, self.dist
+        if cfg.batch_size % (info.world_size * cfg.grad_accum):
+            raise UserError(f"train.batch_size={cfg.batch_size} must be divisible by world_size x grad_accum "
+                            f"= {info.world_size} x {cfg.grad_accum}: change train.batch_size")
+        if len(dataset.train) < cfg.seq_len + 1:
+            raise UserError(f"the training split has {len(dataset.train)} tokens, fewer than one sequence "
+                            f"(train.seq_len={cfg.seq_len} + 1): lower train.seq_len or use a larger corpus")
+        if len(dataset.val) < cfg.seq_len + 1:
+            raise UserError(f"the validation split has {len(dataset.val)} tokens, fewer than one sequence "
+                            f"(train.seq_len={cfg.seq_len} + 1): lower train.seq_len or raise data.val_fraction")
+        self.device = info.device
+        self.amp = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        self.model = DiffTransformerLM(run.model, seed=cfg.seed).to(self.device)
+        self.mode = choose(cfg.parallel, info)
+        self.wrapped = parallelize(self.model, self.mode, info)
+        self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        self.optimizer = build_optimizer(self.model, cfg)  # after fully_shard, over the sharded parameters
+        self.batches = Batches(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed)
+        self.total_steps = cfg.total_steps
+        self.step = 0
+        self.metrics: list[dict] = []
+        self.bad_total = 0
+        self.consecutive_bad = 0
+        self.last_rollback_to: int | None = None
+        self.last_saved_step: int | None = None
+        self._stop_requested = False
+        self._train_time = 0.0
+        self._session_tokens = 0
+        self._tb = None
+
+    # State ------------------------------------------------------------------------------------
+    def _opts(self, strict: bool = True) -> StateDictOptions:
+        return StateDictOptions(full_state_dict=True, cpu_offload=True, strict=strict)
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        state = get_model_state_dict(self.model, options=self._opts())
+        if self.run.model.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        return state
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.step * self.cfg.tokens_per_step,
+                "bad_steps_total": self.bad_total, "consecutive_bad_steps": self.consecutive_bad,
+                "last_rollback_to": self.last_rollback_to, "world_size": self.dist.world_size,
+                "metrics": self.metrics, "run": self.run.to_dict()}
+
+    def load_weights(self, checkpoint: ckpt.Checkpoint) -> None:
+        """Model and optimizer state from ``checkpoint`` (all ranks read the same files)."""
+        if checkpoint.model_config != self.run.model:
+            ours, theirs = self.run.model.to_dict(), checkpoint.model_config.to_dict()
+            diffs = [f"model.{k}: {theirs[k]!r} in the checkpoint, {ours[k]!r} in this run"
+                     for k in sorted(ours) if ours[k] != theirs.get(k)]
+            raise ckpt.CheckpointError(f"checkpoint {checkpoint.path} is of another model config "
+                                       f"({'; '.join(diffs[:3])}): resume it with its own settings or start a new run")
+        tied = self.run.model.tie_embeddings
+        try:
+            set_model_state_dict(self.model, checkpoint.model_state, options=self._opts(strict=not tied))
+            set_optimizer_state_dict(self.model, self.optimizer, checkpoint.optimizer_state, options=self._opts())
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ckpt.CheckpointError(f"checkpoint {checkpoint.path} does not fit this model/optimizer ({e})") from None
+
+    def restore(self, checkpoint: ckpt.Checkpoint) -> None:
+        """Continue from ``checkpoint``: weights, optimizer, RNG, step (= data position), metrics."""
+        self.load_weights(checkpoint)
+        state = checkpoint.trainer_state
+        self.step = int(state["step"])
+        self.metrics = list(state.get("metrics", []))
+        self.bad_total = int(state.get("bad_steps_total", 0))
+        self.consecutive_bad = int(state.get("consecutive_bad_steps", 0))
+        self.last_rollback_to = state.get("last_rollback_to")
+        self.last_saved_step = self.step
+        checkpoint.restore_rng()
+        if self.dist.is_main:
+            rundir.rewrite_metrics(self.run_dir, self.metrics)
+
+    def save(self) -> Path:
+        """Checkpoint the current step (every rank gathers; rank 0 writes, then commits after a barrier)."""
+        path = ckpt.checkpoint_path(self.run_dir, self.step)
+        if self.last_saved_step == self.step:
+            return path
+        model_state = self.model_state()
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=self._opts())
+        if self.dist.is_main:
+            ckpt.write_checkpoint(path, model_config=self.run.model, model_state=model_state,
+                                  optimizer_state=optim_state, trainer_state=self.trainer_state(),
+                                  tokenizer=self.dataset.tokenizer)
+        barrier(self.dist)
+        if self.dist.is_main:
+            ckpt.commit(path)
+            ckpt.prune(self.run_dir, self.cfg.keep_last)
+        barrier(self.dist)
+        self.last_saved_step = self.step
+        return path
+
+    # Metrics ----------------------------------------------------------------------------------
+    def record(self, entry: dict) -> None:
+        self.metrics.append(entry)
+        if not self.dist.is_main:
+            return
+        with open(self.run_dir / rundir.METRICS_FILE, "a") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+        if self._tb is not None:
+            for key, value in entry.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(f"{entry['kind']}/{key}", value, entry["step"])
+            for i, lam in enumerate(entry.get("lambdas") or []):
+                self._tb.add_scalar(f"lambda/layer_{i}", lam, entry["step"])
+
+    def _open_tensorboard(self) -> None:
+        if not self.dist.is_main:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return
+        self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step or None)
+
+    # Steps ------------------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def _rows(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """This rank's micro-batches of a step's batch, moved to the device."""
+        micro = x.shape[0] // self.cfg.grad_accum
+        return [t.to(self.device, non_blocking=True) for t in x.split(micro)]
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        with self._autocast():
+            logits = self.forward(x)  # (B, N, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction=reduction)
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step on batch ``self.step``: (loss, grad norm), both global over ranks."""
+        cfg, info = self.cfg, self.dist
+        x, y = self.batches.batch(self.step, info.rank, info.world_size)  # (B / world, N) each
+        xs, ys = self._rows(torch.as_tensor(x)), self._rows(torch.as_tensor(y))
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (xm, ym) in enumerate(zip(xs, ys)):
+            with gradient_sync(self.wrapped, self.mode, sync=i == len(xs) - 1):
+                loss = self._loss(xm, ym)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        loss_mean = all_reduce(loss_sum / cfg.grad_accum, info) / info.world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        return float(loss_mean), float(grad_norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss over ``eval_batches`` fixed batches of the global batch size, split over ranks."""
+        cfg, info = self.cfg, self.dist
+        per_rank = cfg.batch_size // info.world_size
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, tokens)
+        for x, y in eval_batches(self.dataset.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
+            x = torch.as_tensor(x)[info.rank * per_rank:(info.rank + 1) * per_rank]
+            y = torch.as_tensor(y)[info.rank * per_rank:(info.rank + 1) * per_rank]
+            for xm, ym in zip(self._rows(x), self._rows(y)):
+                total[0] += self._loss(xm, ym, reduction="sum").double()
+                total[1] += ym.numel()
+        all_reduce(total, info)
+        val_loss = float(total[0] / total[1])
+        return {"kind": "eval", "step": self.step, "val_loss": val_loss,
+                "val_ppl": math.exp(min(val_loss, 700.0)), "lambdas": self.lambdas()}
+
+    def lambdas(self) -> list[float] | None:
+        """Each layer's λ (DIFF V1), gathered from shards under FSDP."""
+        if self.run.model.attention != "diff":
+            return None
+        if self.mode != "fsdp":
+            return self.model.lambdas()
+        out = []
+        for layer in self.model.layers:
+            vals = [getattr(layer.self_attn, f"lambda_{n}").full_tensor().float() for n in ("q1", "k1", "q2", "k2")]
+            out.append(float(torch.exp(vals[0] @ vals[1]) - torch.exp(vals[2] @ vals[3]) + layer.self_attn.lambda_init))
+        return out
+
+    def _handle_bad_steps(self) -> None:
+        first = self.step - self.consecutive_bad + 1
+        reason = (f"{self.consecutive_bad} consecutive steps ({first}..{self.step}) had a non-finite loss or gradient")
+        hint = "lower train.lr, raise train.warmup_steps or train.grad_clip, or check the data"
+        if self.cfg.on_bad_steps == "stop":
+            raise TrainingDiverged(f"{reason}; stopping (train.on_bad_steps=stop): {hint}")
+        path = ckpt.latest_valid(self.run_dir, self.log)
+        if path is None:
+            raise TrainingDiverged(f"{reason} and there is no checkpoint to roll back to: {hint}")
+        if self.last_rollback_to == ckpt.step_of(path):
+            raise TrainingDiverged(f"{reason} again after rolling back to step {self.last_rollback_to}: {hint}")
+        self.load_weights(ckpt.load_checkpoint(path, verified=True))
+        self.last_rollback_to = ckpt.step_of(path)
+        self.consecutive_bad = 0
+        self.log(f"warning: {reason}; rolled the weights back to checkpoint {path.name} and continue with the next batches")
+        self.record({"kind": "event", "step": self.step, "event": "rollback", "to_step": self.last_rollback_to})
+
+    # Loop -------------------------------------------------------------------------------------
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
+        return bool(all_reduce(flag, self.dist).item() > 0)
+
+    def fit(self) -> TrainResult:
+        """Train from ``self.step`` to the end; evaluates, logs and checkpoints on the way."""
+        cfg = self.cfg
+        nparams = self.model.num_parameters() if self.mode != "fsdp" else sum(
+            p.numel() for p in self.model.parameters())
+        if self.step >= self.total_steps:
+            return TrainResult(self.run_dir, "already_complete", self.step, nparams, self.metrics)
+        if self.dist.is_main and self.step == 0:
+            rundir.rewrite_metrics(self.run_dir, [])
+        self._open_tensorboard()
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        reset_peak_memory(self.device)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                       desc=f"{self.run.model.attention} seed {cfg.seed}", file=sys.stderr)
+        try:
+            if self.step == 0:
+                self.record(self.evaluate())
+            while self.step < self.total_steps:
+                set_lr(self.optimizer, lr_at(self.step, cfg))
+                t0 = time.perf_counter()
+                loss, grad_norm = self.train_step()
+                finite = math.isfinite(loss) and math.isfinite(grad_norm)
+                if finite:
+                    self.optimizer.step()
+                    self.consecutive_bad = 0
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self._train_time += time.perf_counter() - t0
+                self._session_tokens += cfg.tokens_per_step
+                self.step += 1
+                tok_s = self._session_tokens / max(self._train_time, 1e-9)
+                if not finite:
+                    self.bad_total += 1
+                    self.consecutive_bad += 1
+                    self.log(f"warning: step {self.step} skipped: loss {loss}, grad norm {grad_norm} "
+                             f"({self.consecutive_bad} in a row, {self.bad_total} in total)")
+                    self.record({"kind": "event", "step": self.step, "event": "nonfinite", "loss": str(loss),
+                                 "grad_norm": str(grad_norm), "bad_steps": self.consecutive_bad,
+                                 "bad_steps_total": self.bad_total})
+                    if self.consecutive_bad >= cfg.max_bad_steps:
+                        self._handle_bad_steps()
+                elif self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    self.record({"kind": "train", "step": self.step, "loss": loss, "grad_norm": grad_norm,
+                                 "lr": self.optimizer.param_groups[0]["lr"], "tokens": self.step * cfg.tokens_per_step,
+                                 "tokens_per_s": tok_s})
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == self.total_steps:
+                    self.record(self.evaluate())
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.3f}", val=f"{self.metrics[-1]['val_loss']:.3f}",
+                                        tok_s=f"{tok_s:,.0f}")
+                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == self.total_steps:
+                    self.save()
+                if self._stop_agreed():
+                    path = self.save()
+                    raise Preempted(self.step, path)
+        finally:
+            if bar is not None:
+                bar.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            if self._tb is not None:
+                self._tb.close()
+        return TrainResult(self.run_dir, "completed", self.step, nparams, self.metrics,
+                           tokens_per_s=self._session_tokens / max(self._train_time, 1e-9),
+                           peak_memory_mb=peak_memory_mb(self.device))
+
+
+def run_training(run: RunConfig, run_dir, *, resume: str | Path | None = "auto", data_cache=None,
+                 progress: bool = True, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Prepare the data, check the output folder, resume if asked or if it holds this run, and train.
+
+    ``resume``: "auto" continues ``run_dir``'s run from its newest good checkpoint when it holds the
+    same run; "require" insists on it; a path starts from that checkpoint (it must verify).
+    Under torchrun every rank calls this; rank 0 writes the files.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    run_dir = Path(run_dir)
+    started_group = not torch.distributed.is_initialized()
+    info = init_distributed(run.train.device)
+    try:
+        dataset = prepare_dataset(run.data, Path(data_cache) if data_cache else default_cache_dir())
+        run = run.replace(model=run.model.replace(vocab_size=dataset.vocab_size))
+        same_run = rundir.check_output_dir(run_dir, run)
+        quiet = (lambda msg: None) if not info.is_main else (lambda msg: log(f"warning: {msg}"))
+        start = rundir.resolve_resume(run_dir, resume, same_run, quiet)
+        checkpoint = ckpt.load_checkpoint(start, verified=True) if start is not None else None
+        trainer = Trainer(run, dataset, run_dir, dist=info, progress=progress, log=log if info.is_main else quiet)
+        if checkpoint is not None:
+            trainer.load_weights(checkpoint)  # refuses another model config before anything is written
+        barrier(info)
+        if info.is_main:
+            rundir.write_run_files(run_dir, run, dataset.tokenizer)
+        barrier(info)
+        if checkpoint is not None:
+            trainer.restore(checkpoint)
+            if info.is_main:
+                log(f"resuming from {checkpoint.path} (step {checkpoint.step})")
+        return trainer.fit()
+    finally:
+        if started_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
