@@ -158,6 +158,17 @@ def test_import_from_random_transformers_model(tmp_path, attention, tie, n_kv):
         assert model.lm_head.weight is model.embed_tokens.weight
 
 
+def test_import_sharded_bf16_folder(tmp_path):
+    """bf16 shards import losslessly into fp32 (compared with transformers loading the same folder in fp32)."""
+    random_hf_model("diff", tie=True, n_kv=2).to(torch.bfloat16).save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    assert (tmp_path / "src" / "model.safetensors.index.json").is_file()
+    model, _ = hf.import_hf(tmp_path / "src")
+    assert model.embed_tokens.weight.dtype == torch.float32
+    ids = tokens(vocab=89)
+    with torch.no_grad():
+        assert max_diff(model(ids), load_hf(tmp_path / "src", "eager")(ids).logits) <= TOL
+
+
 @pytest.mark.parametrize("attention", ["diff", "baseline"])
 @pytest.mark.parametrize("tie", [False, True])
 def test_export_import_export_is_bit_identical(tmp_path, attention, tie):
