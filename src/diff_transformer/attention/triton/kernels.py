@@ -31,9 +31,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _visible(offs_m, offs_n, N, M, SHIFT, CAUSAL: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) bool: query row i may see key j (bounds, and j ≤ i + M − N when causal)."""
-    ok = (offs_m[:, None] < N) & (offs_n[None, :] < M)
+def _visible(offs_m, offs_n, M, SHIFT, CAUSAL: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: query row i may see key j (j < M, and j ≤ i + M − N when causal).
+
+    Rows past N are not masked: they see every key, so their (unstored) statistics stay finite.
+    """
+    ok = (offs_m[:, None] >= 0) & (offs_n[None, :] < M)
     if CAUSAL:
         ok = ok & (offs_n[None, :] <= offs_m[:, None] + SHIFT)
     return ok
@@ -64,7 +67,7 @@ def _fwd_step(
     s1 = tl.dot(q1, k1t) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
     s2 = tl.dot(q2, k2t) * qk_scale
     if MASK:
-        ok = _visible(offs_m, cols, N, M, SHIFT, CAUSAL)
+        ok = _visible(offs_m, cols, M, SHIFT, CAUSAL)
         s1 = tl.where(ok, s1, float("-inf"))
         s2 = tl.where(ok, s2, float("-inf"))
     m1_new = tl.maximum(m1, tl.max(s1, 1))
@@ -194,7 +197,7 @@ def _bwd_pre_kernel(
         k2t = tl.load(k2t_ptrs + start_n * stride_k2n, mask=cols[None, :] < M, other=0.0).to(DOT_DTYPE)
         vt = tl.load(vt_ptrs + start_n * stride_vn, mask=cols[None, :] < M, other=0.0).to(DOT_DTYPE)
         s2 = tl.dot(q2, k2t) * qk_scale  # (BLOCK_M, BLOCK_N)
-        s2 = tl.where(_visible(offs_m, cols, N, M, SHIFT, CAUSAL), s2, float("-inf"))
+        s2 = tl.where(_visible(offs_m, cols, M, SHIFT, CAUSAL), s2, float("-inf"))
         p2 = tl.math.exp2(s2 - lse2[:, None])
         gm = tl.dot(do, vt)  # dO Vᵀ (BLOCK_M, BLOCK_N)
         e2 += tl.sum(p2 * gm, 1)
@@ -382,7 +385,7 @@ def _bwd_dq_step(
     s1 = tl.dot(q1, k1t) * qk_scale  # (BLOCK_M, BLOCK_N)
     s2 = tl.dot(q2, k2t) * qk_scale
     if MASK:
-        ok = _visible(offs_m, cols, N, M, SHIFT, CAUSAL)
+        ok = _visible(offs_m, cols, M, SHIFT, CAUSAL)
         s1 = tl.where(ok, s1, float("-inf"))
         s2 = tl.where(ok, s2, float("-inf"))
     p1 = tl.math.exp2(s1 - lse1[:, None])
