@@ -160,7 +160,8 @@ def test_import_from_random_transformers_model(tmp_path, attention, tie, n_kv):
 
 def test_import_sharded_bf16_folder(tmp_path):
     """bf16 shards import losslessly into fp32 (compared with transformers loading the same folder in fp32)."""
-    random_hf_model("diff", tie=True, n_kv=2).to(torch.bfloat16).save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    hf_model = random_hf_model("diff", tie=True, n_kv=2).to(torch.bfloat16)
+    hf_model.save_pretrained(tmp_path / "src", max_shard_size="20KB")
     assert (tmp_path / "src" / "model.safetensors.index.json").is_file()
     model, _ = hf.import_hf(tmp_path / "src")
     assert model.embed_tokens.weight.dtype == torch.float32
@@ -229,11 +230,39 @@ def test_export_with_bpe_tokenizer(tmp_path):
     assert tok_path == out / "tokenizer.json"
 
 
-def test_export_without_tokenizer_json_notes_it(tmp_path):
-    (tmp_path / "bytetok").mkdir()
-    result = hf.export_hf(random_model(make_config("baseline", 4, None, 16, 1, False, {})), tmp_path / "bytetok",
-                          tmp_path / "out")
-    assert "tokenizer.json" not in result.files and any("tokenizer" in n for n in result.notes)
+def test_export_with_this_projects_saved_bpe_tokenizer(tmp_path):
+    from diff_transformer.data.tokenizer import BPETokenizer
+
+    backend = train_bpe(tmp_path / "trained")
+    BPETokenizer(backend).save(tmp_path / "run")  # tokenizer_meta.json + tokenizer.json, as a run folder holds
+    config = make_config("baseline", 4, None, 16, 1, False, {}).replace(vocab_size=300)
+    result = hf.export_hf(random_model(config), tmp_path / "run", tmp_path / "out")
+    assert "tokenizer.json" in result.files and not result.notes
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert hf_tok("over the dog").input_ids == backend.encode("over the dog").ids
+    assert hf_tok.eos_token_id == backend.token_to_id("<|endoftext|>")
+
+
+def test_export_with_byte_tokenizer_sets_eos_and_notes_it(tmp_path):
+    from diff_transformer.data.tokenizer import ByteTokenizer
+
+    ByteTokenizer().save(tmp_path / "bytetok")
+    config = make_config("baseline", 4, None, 16, 1, False, {}).replace(vocab_size=257)
+    result = hf.export_hf(random_model(config), tmp_path / "bytetok", tmp_path / "out")
+    assert "tokenizer.json" not in result.files and any("byte tokenizer" in n for n in result.notes)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == 256
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id == 256
+    with pytest.raises(UserError, match="does not belong"):  # 257 tokens > 101
+        hf.export_hf(random_model(make_config("baseline", 4, None, 16, 1, False, {})), tmp_path / "bytetok",
+                     tmp_path / "out2")
+
+
+def test_export_without_any_tokenizer_notes_it(tmp_path):
+    (tmp_path / "empty").mkdir()
+    model = random_model(make_config("diff", 4, None, 16, 1, False, {}))
+    for tok in (None, tmp_path / "empty"):
+        result = hf.export_hf(model, tok, tmp_path / f"out-{tok is None}")
+        assert "tokenizer.json" not in result.files and any("tokenizer" in n for n in result.notes)
 
 
 def test_export_refuses_a_tokenizer_larger_than_the_vocab(tmp_path):

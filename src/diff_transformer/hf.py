@@ -41,7 +41,6 @@ from .serialization import load_state
 
 ARCHITECTURES = {"diff": "DiffLlamaForCausalLM", "baseline": "LlamaForCausalLM"}
 MODEL_TYPES = {"diffllama": "diff", "llama": "baseline"}
-EOS_TOKEN = "<|endoftext|>"  # the EOS of this project's BPE tokenizers
 
 
 class HFExport(NamedTuple):
@@ -97,7 +96,7 @@ def check_exportable(config: ModelConfig) -> None:
             "Only baselines with head_norm=False export to LlamaForCausalLM."
         )
     if config.attention == "diff":
-        bad = [l for l in range(config.n_layers) if config.layer_lambda_init(l) != lambda_init_schedule(l)]
+        bad = [i for i in range(config.n_layers) if config.layer_lambda_init(i) != lambda_init_schedule(i)]
         if bad:
             raise UserError(
                 f"lambda_init={config.lambda_init} (a constant λ_init ablation) differs from the depth schedule "
@@ -178,7 +177,8 @@ def config_from_hf(hf_cfg) -> ModelConfig:
         )
     for name in ("attention_bias", "mlp_bias"):
         if _get(hf_cfg, name, False):
-            raise UserError(f"{name}=True: this project's layers have no biases, so the model cannot be imported exactly")
+            raise UserError(f"{name}=True: this project's layers have no biases, so the model cannot be "
+                            "imported exactly")
     if _get(hf_cfg, "quantization_config") is not None:
         raise UserError("quantized checkpoints cannot be imported: export the model in full precision first")
     rope_theta = _rope_theta(hf_cfg)
@@ -227,7 +227,8 @@ def state_to_hf(model: DiffTransformerLM) -> dict[str, Tensor]:
     return out
 
 
-def state_from_hf(config: ModelConfig, hf_state: dict[str, Tensor], source: str = "the transformers model") -> dict[str, Tensor]:
+def state_from_hf(config: ModelConfig, hf_state: dict[str, Tensor],
+                  source: str = "the transformers model") -> dict[str, Tensor]:
     """This project's state dict (fp32) from HF-named tensors; UserError on missing/extra tensors."""
     d, diff = config.head_dim, config.attention == "diff"
     state: dict[str, Tensor] = {}
@@ -282,7 +283,7 @@ def to_transformers(model: DiffTransformerLM, *, attn_implementation: str = "sdp
     if missing or unexpected:  # a transformers version with other parameter names
         raise UserError(f"transformers {tf.__version__} {cls.__name__} has parameters {missing} we do not map "
                         f"and lacks {unexpected}; this transformers version is not supported")
-    if model.config.tie_embeddings and hf_model.lm_head.weight.data_ptr() != hf_model.model.embed_tokens.weight.data_ptr():
+    if model.config.tie_embeddings and hf_model.lm_head.weight is not hf_model.model.embed_tokens.weight:
         hf_model.tie_weights()
     hf_model.generation_config.eos_token_id = eos_token_id  # what generate() stops at
     hf_model.generation_config.bos_token_id = bos_token_id
@@ -310,31 +311,58 @@ def _tokenizer_json(tokenizer: str | os.PathLike | None) -> Path | None:
     return path if path.is_file() else None
 
 
-def _tokenizer_files(tok_json: Path, config: ModelConfig) -> tuple[dict[str, Any], int | None, list[str]]:
-    """tokenizer_config.json content, the EOS id (or None) and notes, for a `tokenizers` JSON file."""
+class _TokenizerExport(NamedTuple):
+    tokenizer_json: Path | None  # copied as is
+    tokenizer_config: dict[str, Any] | None  # written as tokenizer_config.json
+    eos_token_id: int | None  # into config.json and generation_config.json
+    notes: list[str]
+
+
+def _tokenizer_export(tokenizer: str | os.PathLike | None, config: ModelConfig) -> _TokenizerExport:
+    """What to write for ``tokenizer``: a folder saved by this project's tokenizers (tokenizer_meta.json
+    naming bpe, byte or tiktoken), a folder holding a `tokenizers` tokenizer.json, or that file."""
+    from .data.tokenizer import EOS_TEXT, META_FILE
+
+    if tokenizer is None:
+        return _TokenizerExport(None, None, None, ["no tokenizer given: the folder holds none; pass token ids"])
+    path = Path(tokenizer)
+    meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
+    kind = meta.get("kind", "bpe")
+    if kind in ("byte", "tiktoken"):
+        eos_id = 256 if kind == "byte" else int(meta["eos_id"])
+        if eos_id >= config.vocab_size:
+            raise UserError(f"the {kind} tokenizer in {path} has EOS id {eos_id} but the model only "
+                            f"{config.vocab_size} tokens: this tokenizer does not belong to the model")
+        what = "UTF-8 bytes 0..255" if kind == "byte" else f"tiktoken {meta.get('name')!r} ids"
+        return _TokenizerExport(None, None, eos_id, [
+            f"{kind} tokenizer: transformers has no equivalent, so none was exported; token ids are {what}, "
+            f"EOS {eos_id} (set as eos_token_id, so generate() stops there)"])
+    tok_json = _tokenizer_json(path / meta["file"] if "file" in meta else path)
+    if tok_json is None:
+        return _TokenizerExport(None, None, None, [f"no tokenizer.json at {path}: no tokenizer exported"])
     from tokenizers import Tokenizer
 
     try:
         tok = Tokenizer.from_file(str(tok_json))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
         raise UserError(f"{tok_json} is not a tokenizers JSON file ({e})") from e
-    if tok.get_vocab_size(with_added_tokens=True) > config.vocab_size:
-        raise UserError(
-            f"{tok_json} has {tok.get_vocab_size(with_added_tokens=True)} tokens but the model only "
-            f"{config.vocab_size}: this tokenizer does not belong to the model"
-        )
+    n_tokens = tok.get_vocab_size(with_added_tokens=True)
+    if n_tokens > config.vocab_size:
+        raise UserError(f"{tok_json} has {n_tokens} tokens but the model only {config.vocab_size}: "
+                        "this tokenizer does not belong to the model")
     tok_config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
+        "tokenizer_class": "PreTrainedTokenizerFast",  # loads the tokenizer.json as is, transformers 4.x and 5.x
         "model_max_length": config.max_seq_len,
         "clean_up_tokenization_spaces": False,
     }
-    eos_id = tok.token_to_id(EOS_TOKEN)
+    eos_text = meta.get("eos_token", EOS_TEXT)
+    eos_id = tok.token_to_id(eos_text)
     notes = []
     if eos_id is None:
-        notes.append(f"the tokenizer has no {EOS_TOKEN} token: no eos_token set, generation stops only at max_new_tokens")
+        notes.append(f"the tokenizer has no {eos_text} token: no EOS set, generate() stops only at max_new_tokens")
     else:
-        tok_config["eos_token"] = EOS_TOKEN
-    return tok_config, eos_id, notes
+        tok_config["eos_token"] = eos_text
+    return _TokenizerExport(tok_json, tok_config, eos_id, notes)
 
 
 def _add_legacy_rope_theta(path: Path) -> None:
@@ -348,8 +376,11 @@ def _add_legacy_rope_theta(path: Path) -> None:
 def export_hf(model: DiffTransformerLM, tokenizer: str | os.PathLike | None, out_dir: str | os.PathLike,
               ) -> HFExport:
     """Write ``model`` as a transformers folder: config.json, model.safetensors, generation_config.json
-    and, for a `tokenizers` tokenizer (a folder holding tokenizer.json, or the file), tokenizer.json +
-    tokenizer_config.json.
+    and, for a BPE tokenizer, tokenizer.json (copied byte for byte) + tokenizer_config.json.
+
+    ``tokenizer``: a folder this project saved a tokenizer into (tokenizer_meta.json), a folder holding a
+    `tokenizers` tokenizer.json, that file, or None. Byte and tiktoken tokenizers have no transformers
+    form: only their EOS id is written (the returned notes say so).
 
     ``out_dir`` must not exist or be empty; the folder appears at once (written to a temporary sibling,
     then renamed), so nothing is overwritten and a failed export leaves nothing behind.
@@ -358,27 +389,18 @@ def export_hf(model: DiffTransformerLM, tokenizer: str | os.PathLike | None, out
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir} already exists and is not an empty folder: choose a new --out folder")
     check_exportable(model.config)
-    notes: list[str] = []
-    tok_json = _tokenizer_json(tokenizer)
-    tok_config, eos_id = None, None
-    if tok_json is not None:
-        tok_config, eos_id, tok_notes = _tokenizer_files(tok_json, model.config)
-        notes += tok_notes
-    elif tokenizer is None:
-        notes.append("no tokenizer given: the folder holds no tokenizer; tokenize inputs yourself")
-    else:
-        notes.append(f"no tokenizer.json at {tokenizer} (a byte tokenizer?): transformers has no equivalent, "
-                     "so no tokenizer was exported; token ids are the raw bytes 0..255")
-    hf_model = to_transformers(model, eos_token_id=eos_id)
+    tok = _tokenizer_export(tokenizer, model.config)
+    hf_model = to_transformers(model, eos_token_id=tok.eos_token_id)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         hf_model.save_pretrained(tmp)  # config.json, model.safetensors (tied head stored once), generation_config.json
         _add_legacy_rope_theta(tmp / "config.json")
-        if tok_json is not None:
-            shutil.copyfile(tok_json, tmp / "tokenizer.json")
-            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, sort_keys=True) + "\n")
+        if tok.tokenizer_json is not None:
+            shutil.copyfile(tok.tokenizer_json, tmp / "tokenizer.json")
+            tok_config = json.dumps(tok.tokenizer_config, indent=2, sort_keys=True) + "\n"
+            (tmp / "tokenizer_config.json").write_text(tok_config)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
         os.rename(tmp, out_dir)
@@ -386,7 +408,7 @@ def export_hf(model: DiffTransformerLM, tokenizer: str | os.PathLike | None, out
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     files = sorted(p.name for p in out_dir.iterdir())
-    return HFExport(out_dir, ARCHITECTURES[model.config.attention], files, notes)
+    return HFExport(out_dir, ARCHITECTURES[model.config.attention], files, tok.notes)
 
 
 def _load_safetensors(src: Path) -> dict[str, Tensor]:
