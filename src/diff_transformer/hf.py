@@ -134,9 +134,12 @@ def hf_config(config: ModelConfig, *, eos_token_id: int | None = None, bos_token
         eos_token_id=eos_token_id,
         pad_token_id=None,
     )
-    if config.attention == "diff":
-        return tf.DiffLlamaConfig(**fields, lambda_std_dev=float(config.lambda_std))
-    return tf.LlamaConfig(**fields, mlp_bias=False)
+    try:
+        if config.attention == "diff":
+            return tf.DiffLlamaConfig(**fields, lambda_std_dev=float(config.lambda_std))
+        return tf.LlamaConfig(**fields, mlp_bias=False)
+    except (ValueError, TypeError) as e:  # transformers' own validation (strict dataclass configs)
+        raise UserError(f"transformers {tf.__version__} refuses this model's config: {e}") from e
 
 
 def _get(hf_cfg, name: str, default: Any = None) -> Any:
