@@ -192,6 +192,12 @@ def test_matched_pair_differs_only_in_attention():
     assert (diff.attention, diff.head_norm, base.attention, base.head_norm) == ("diff", True, "baseline", False)
 
 
+def test_replace_attention_rederives_head_norm():
+    cfg = small_config("diff")
+    assert cfg.replace(attention="baseline").head_norm is False
+    assert cfg.replace(attention="baseline", head_norm=True).head_norm is True
+
+
 def test_matched_models_share_initial_weights():
     diff_cfg, base_cfg = matched_pair(small_config("diff"))
     diff, base = DiffTransformerLM(diff_cfg, seed=11), DiffTransformerLM(base_cfg, seed=11)

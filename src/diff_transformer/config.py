@@ -106,7 +106,13 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def replace(self, **changes: Any) -> "ModelConfig":
-        """A copy with ``changes`` applied. Derived fields (head_dim, ffn_dim, ...) keep their values unless changed."""
+        """A copy with ``changes`` applied.
+
+        Changing ``attention`` re-derives ``head_norm`` (the paper's choice for the new kind) unless
+        ``head_norm`` is given too; other derived fields (head_dim, ffn_dim) keep their values.
+        """
+        if "attention" in changes and "head_norm" not in changes:
+            changes = {**changes, "head_norm": None}
         return ModelConfig.from_dict({**self.to_dict(), **changes})
 
 
