@@ -7,13 +7,14 @@ out whole documents):
   canonical addresses, 1790 to today, in chronological order; the package's "related" documents
   are left out). Other built-ins are one entry in :data:`BUILTIN_CORPORA`.
 - a ``.txt`` or ``.md`` file: the whole file is one document (the split then cuts it by position;
-  see ``shards.split_documents``).
+  see ``shards.cut_single_document``).
 - a folder: each ``*.txt`` / ``*.md`` file below it (recursively, hidden files and folders skipped,
   sorted by relative path) is one document.
 - ``.jsonl``: each row's ``text_field``; ``.parquet``: each row of the ``text_field`` column.
 
-Text is read as UTF-8. Empty or whitespace-only documents (and null JSONL/Parquet values) are
-skipped. A built-in name wins over a file of the same name: write ``./sotu`` for the file.
+Text is read as UTF-8, exactly as stored (``\\r\\n`` stays). Empty or whitespace-only documents
+(and null JSONL/Parquet values) are skipped. A built-in name wins over a file of the same name:
+write ``./sotu`` for the file.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def sotu_corpus() -> Corpus:
     table = sotu.load(full=True)  # canonical addresses only, chronological
     fileids, texts = list(table["fileid"]), list(table["text"])
     h = hashlib.sha256()
-    for fileid, text in zip(fileids, texts):
+    for fileid, text in zip(fileids, texts, strict=True):
         h.update(f"{fileid}\0{text}\0".encode())
     fingerprint = {"package": "sotu", "version": importlib.metadata.version("sotu"), "sha256": h.hexdigest()}
     return Corpus("sotu", "builtin", "sotu", fingerprint, lambda: (t for t in texts if t.strip()))
@@ -117,7 +118,8 @@ def _label(name: str) -> str:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8", newline="") as f:  # newline="": keep "\r\n" as written
+            return f.read()
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text ({e}): convert it to UTF-8") from e
 

@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +66,7 @@ class Dataset:
     train: np.ndarray  # (n_train_tokens,) read-only memmap of ids; every document followed by EOS
     val: np.ndarray  # (n_val_tokens,) the held-out documents, same layout
     manifest: dict  # the content of manifest.json: settings, counts, checksums
-    reused: bool  # True when an earlier run's shards were loaded, False when this call built them
+    reused: bool  # True when this call loaded existing shards, False when it tokenised
 
     @property
     def vocab_size(self) -> int:
@@ -99,7 +99,8 @@ def prepare_dataset(cfg: DataConfig, cache_dir: str | Path) -> Dataset:
             raise UserError(f"cannot create the data cache folder {cache_dir} ({e}): choose a writable folder") from e
         with _exclusive(cache_dir / f".{folder.name}.lock"):
             if not folder.exists():
-                reused = not _build(cfg, corpus, settings, key, folder)
+                _build(cfg, corpus, settings, key, folder)
+                reused = False
     return _open(folder, reused)
 
 
@@ -148,10 +149,11 @@ def _tokenizer_settings(cfg: DataConfig) -> tuple[dict, str]:
     return {"kind": "tiktoken", "name": stem, "sha256": sha256_file(path)}, f"tiktoken-{stem}"
 
 
-def _make_tokenizer(cfg: DataConfig, train_docs: Callable[[], Iterator[str]], n_train: int) -> Tokenizer:
+def _make_tokenizer(cfg: DataConfig, train_docs: Iterable[str], n_train: int) -> Tokenizer:
+    """The tokenizer ``cfg`` names; BPE is trained here, on the training documents only."""
     if cfg.tokenizer == "bpe":
         t0 = time.perf_counter()
-        texts = (p for doc in train_docs() for p in pieces(doc))
+        texts = (p for doc in train_docs for p in pieces(doc))
         tokenizer = BPETokenizer.train(texts, cfg.vocab_size, length=n_train)
         log.info("trained BPE (%d ids) in %.1f s", tokenizer.vocab_size, time.perf_counter() - t0)
         return tokenizer
@@ -160,8 +162,8 @@ def _make_tokenizer(cfg: DataConfig, train_docs: Callable[[], Iterator[str]], n_
     return TiktokenTokenizer.from_file(cfg.tokenizer.removeprefix(TIKTOKEN_PREFIX))
 
 
-def _build(cfg: DataConfig, corpus: Corpus, settings: dict, key: str, folder: Path) -> bool:
-    """Tokenise ``corpus`` into ``folder``. False when another process's folder won the rename."""
+def _build(cfg: DataConfig, corpus: Corpus, settings: dict, key: str, folder: Path) -> None:
+    """Tokenise ``corpus`` into ``folder`` (kept as it is if another process's build got there first)."""
     t0 = time.perf_counter()
     log.info("tokenising %s into %s", corpus.origin, folder)
     n_docs = sum(1 for _ in corpus.documents())
@@ -169,18 +171,22 @@ def _build(cfg: DataConfig, corpus: Corpus, settings: dict, key: str, folder: Pa
         raise UserError(f"data source {corpus.origin!r} holds no text: add documents or name another source")
     if n_docs == 1:
         split_mode = "position"
-        train_text, val_text = cut_single_document(next(corpus.documents()), cfg.val_fraction)
-        train_docs: Callable[[], Iterator[str]] = lambda: iter([train_text])
-        val_docs: Callable[[], Iterator[str]] = lambda: iter([val_text])
+        texts = dict(zip(SPLITS, cut_single_document(next(corpus.documents()), cfg.val_fraction), strict=True))
+
+        def documents(split: str) -> Iterator[str]:
+            return iter([texts[split]])
+
         n_train = 1
     else:
         split_mode = "documents"
         is_val = split_documents(n_docs, cfg.val_fraction, cfg.split_seed)
-        train_docs = lambda: (d for d, v in zip(corpus.documents(), is_val) if not v)
-        val_docs = lambda: (d for d, v in zip(corpus.documents(), is_val) if v)
+
+        def documents(split: str) -> Iterator[str]:
+            return (d for d, v in zip(corpus.documents(), is_val, strict=True) if v == (split == "val"))
+
         n_train = int((~is_val).sum())
 
-    tokenizer = _make_tokenizer(cfg, train_docs, n_train)
+    tokenizer = _make_tokenizer(cfg, documents("train"), n_train)
     dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<u4")
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
@@ -188,8 +194,7 @@ def _build(cfg: DataConfig, corpus: Corpus, settings: dict, key: str, folder: Pa
         tokenizer.save(tmp)
         tokenizer_files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         shards = {
-            "train": _write_shard(tmp / "train.bin", train_docs(), tokenizer, dtype),
-            "val": _write_shard(tmp / "val.bin", val_docs(), tokenizer, dtype),
+            split: _write_shard(tmp / f"{split}.bin", documents(split), tokenizer, dtype) for split in SPLITS
         }
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -213,7 +218,7 @@ def _build(cfg: DataConfig, corpus: Corpus, settings: dict, key: str, folder: Pa
         except OSError:
             if folder.exists():  # another process, unprotected by flock, finished first: use its folder
                 shutil.rmtree(tmp)
-                return False
+                return
             raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -225,7 +230,6 @@ def _build(cfg: DataConfig, corpus: Corpus, settings: dict, key: str, folder: Pa
         shards["val"]["tokens"],
         manifest["build_seconds"],
     )
-    return True
 
 
 def _write_shard(path: Path, documents: Iterable[str], tokenizer: Tokenizer, dtype: np.dtype) -> dict:
@@ -236,7 +240,7 @@ def _write_shard(path: Path, documents: Iterable[str], tokenizer: Tokenizer, dty
 
         def flush(batch: list[str], ends: list[bool]) -> None:
             ids: list[list[int]] = []
-            for piece_ids, ends_document in zip(tokenizer.encode_batch(batch), ends):
+            for piece_ids, ends_document in zip(tokenizer.encode_batch(batch), ends, strict=True):
                 ids.append(piece_ids)
                 if ends_document:
                     ids.append([tokenizer.eos_id])

@@ -251,16 +251,16 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
 
 
 def pieces(text: str, max_chars: int = 1 << 20) -> Iterator[str]:
-    """Cut ``text`` into pieces of at most about ``max_chars`` whose encodings concatenate to ``encode(text)``.
+    """Cut ``text`` into pieces of about ``max_chars`` whose encodings concatenate to ``encode(text)``.
 
     Cuts fall only before a single space between two letters ("word| word"): every pre-tokenisation
     regex here (GPT-2's, cl100k's, o200k's) ends a token there, so BPE merges never cross a cut.
-    Lets the backends spread one long document over threads. A piece may run longer when no such
-    space exists in its window.
+    Lets the backends spread one long document over threads. A piece runs longer than ``max_chars``
+    up to the next such space when its window has none.
     """
     start = 0
     while len(text) - start > max_chars:
-        cut = _word_boundary_before(text, start + max_chars, start)
+        cut = _word_boundary_near(text, start + max_chars, start)
         if cut is None:
             break
         yield text[start:cut]
@@ -276,12 +276,22 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _word_boundary_before(text: str, end: int, start: int) -> int | None:
-    i = text.rfind(" ", start + 1, end)
+def _word_boundary_near(text: str, target: int, start: int) -> int | None:
+    """The last letter-space-letter space in ``(start, target)``, else the first one after it."""
+
+    def between_letters(i: int) -> bool:
+        return text[i - 1].isalpha() and i + 1 < len(text) and text[i + 1].isalpha()
+
+    i = text.rfind(" ", start + 1, target)
     while i > start:
-        if text[i - 1].isalpha() and i + 1 < len(text) and text[i + 1].isalpha():
+        if between_letters(i):
             return i
         i = text.rfind(" ", start + 1, i)
+    i = text.find(" ", target)
+    while i != -1:
+        if between_letters(i):
+            return i
+        i = text.find(" ", i + 1)
     return None
 
 
