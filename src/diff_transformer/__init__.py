@@ -1,5 +1,6 @@
 """diff-transformer: the Differential Transformer (V1 and V2) with a matched softmax baseline."""
 
+from .api import load
 from .attention import differential_attention
 from .config import PRESETS, ConfigError, ModelConfig, matched_pair, preset
 from .model import DiffAttention, DiffAttentionV2, Attention, DiffTransformerLM, KVCache, parameter_report
@@ -16,6 +17,7 @@ __all__ = [
     "KVCache",
     "ModelConfig",
     "differential_attention",
+    "load",
     "matched_pair",
     "parameter_report",
     "preset",

@@ -34,12 +34,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..data import Batches, eval_batches, prepare_dataset
+from ..data import Batches, prepare_dataset
 from ..errors import UserError
 from ..model import DiffTransformerLM
 from . import checkpoint as ckpt
 from . import rundir
 from .config import RunConfig
+from .evaluate import validation_loss
 from .optim import build_optimizer, lr_at, set_lr
 from .parallelize import DistInfo, all_reduce, barrier, choose, gradient_sync, init_distributed, parallelize
 
@@ -132,6 +133,9 @@ class Trainer:
         self.mode = choose(cfg.parallel, info)
         self.wrapped = parallelize(self.model, self.mode, info)
         self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        # Evaluation skips DDP's hooks (no gradients to synchronise).
+        self._eval_model = torch.compile(self.model) if cfg.compile and self.mode == "ddp" else (
+            self.forward if self.mode != "ddp" else self.model)
         self.optimizer = build_optimizer(self.model, cfg)  # after fully_shard, over the sharded parameters
         self.batches = Batches(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed)
         self.total_steps = cfg.total_steps
@@ -264,20 +268,16 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         return float(loss_mean), float(grad_norm)
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss over ``eval_batches`` fixed batches of the global batch size, split over ranks."""
-        cfg, info = self.cfg, self.dist
-        per_rank = cfg.batch_size // info.world_size
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, tokens)
-        for x, y in eval_batches(self.dataset.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
-            x = torch.as_tensor(x)[info.rank * per_rank:(info.rank + 1) * per_rank]
-            y = torch.as_tensor(y)[info.rank * per_rank:(info.rank + 1) * per_rank]
-            for xm, ym in zip(self._rows(x), self._rows(y)):
-                total[0] += self._loss(xm, ym, reduction="sum").double()
-                total[1] += ym.numel()
-        all_reduce(total, info)
-        val_loss = float(total[0] / total[1])
+        """Validation loss (mean over tokens) on the fixed validation windows.
+
+        Every rank scores every window, in micro-batches of the training micro-batch size: the loss is
+        then the same number on any world size, and FSDP's ranks stay in lockstep."""
+        cfg = self.cfg
+        micro = max(1, cfg.batch_size // (self.dist.world_size * cfg.grad_accum))
+        model = self.model if self.mode == "fsdp" else self._eval_model
+        val_loss, _ = validation_loss(model, self.dataset.val, micro, cfg.seq_len,
+                                      cfg.eval_batches * cfg.batch_size // micro, self.device, self.amp)
         return {"kind": "eval", "step": self.step, "val_loss": val_loss,
                 "val_ppl": math.exp(min(val_loss, 700.0)), "lambdas": self.lambdas()}
 
@@ -390,9 +390,14 @@ class Trainer:
                 signal.signal(signal.SIGTERM, previous)
             if self._tb is not None:
                 self._tb.close()
-        return TrainResult(self.run_dir, "completed", self.step, nparams, self.metrics,
-                           tokens_per_s=self._session_tokens / max(self._train_time, 1e-9),
-                           peak_memory_mb=peak_memory_mb(self.device))
+                self._tb = None
+        result = TrainResult(self.run_dir, "completed", self.step, nparams, list(self.metrics),
+                             tokens_per_s=self._session_tokens / max(self._train_time, 1e-9),
+                             peak_memory_mb=peak_memory_mb(self.device))
+        # After the final checkpoint: this session's speed and memory, for metrics.jsonl only.
+        self.record({"kind": "summary", "step": self.step, "tokens_per_s": result.tokens_per_s,
+                     "peak_memory_mb": result.peak_memory_mb, "train_seconds": self._train_time})
+        return result
 
 
 def run_training(run: RunConfig, run_dir, *, resume: str | Path | None = "auto", data_cache=None,
@@ -423,7 +428,7 @@ def run_training(run: RunConfig, run_dir, *, resume: str | Path | None = "auto",
         barrier(info)
         if checkpoint is not None:
             trainer.restore(checkpoint)
-            if info.is_main:
+            if info.is_main and checkpoint.step < run.train.total_steps:
                 log(f"resuming from {checkpoint.path} (step {checkpoint.step})")
         return trainer.fit()
     finally:

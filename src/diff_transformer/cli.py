@@ -1,0 +1,189 @@
+"""``diff-transformer``: argument parsing only; the work happens in train/, api.py and the model.
+
+Exit codes: 0 done; 2 bad input (one line ``error: ...`` naming the problem and the fix, and
+nothing on disk overwritten); 3 training diverged (non-finite steps, no rollback left); 75 preempted
+(SIGTERM: the step was finished and a checkpoint saved; run the same command again to resume);
+130 interrupted with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+EXIT_INTERRUPTED = 130
+
+
+def _add_config_args(p: argparse.ArgumentParser, preset_help: str) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", help=preset_help)
+    src.add_argument("--config", type=Path, help="a run config JSON file (as written to RUN_DIR/run.json)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override a field: model.X, train.X, data.X or an unambiguous bare name "
+                        "(e.g. --set lr=1e-3 model.n_layers=2 data.source=corpus.txt)")
+    p.add_argument("--data-cache", type=Path, default=None,
+                   help="token shard cache (default $DIFF_TRANSFORMER_CACHE or ~/.cache/diff-transformer)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diff-transformer", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train one model into a run directory (resumes a stopped run)")
+    _add_config_args(p, "model preset (tiny, small, base, paper-*); with train/data defaults")
+    p.add_argument("--out", type=Path, required=True, help="run directory (new, empty, or this same run to resume)")
+    p.add_argument("--resume", nargs="?", const="require", default="auto", metavar="PATH",
+                   help="resume: without PATH the run in --out (it must have a checkpoint); with PATH that "
+                        "checkpoint or run directory. Without --resume a run in --out with the same config resumes too")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="train the matched DIFF model and baseline over several seeds")
+    _add_config_args(p, "model preset (default tiny: the embedded default, about 10 minutes on 2 CPU cores)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 1 2 3)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/compare-<preset>)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("eval", help="validation loss and perplexity of a run's newest checkpoint")
+    p.add_argument("run_dir", type=Path, help="run directory or one of its checkpoints/step_* folders")
+    p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's eval_batches)")
+    p.add_argument("--data-cache", type=Path, default=None, help="token shard cache (as for train)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a trained model, streaming tokens to stdout")
+    p.add_argument("run_dir", type=Path, help="run directory, checkpoint folder or model folder")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+# Commands ----------------------------------------------------------------------------------------
+def _run_config(args, from_preset):
+    """The RunConfig named by --config or --preset (None if neither), before --set."""
+    from .train.config import RunConfig
+
+    if args.config is not None:
+        return RunConfig.from_json(args.config)
+    if args.preset is not None:
+        return from_preset(args.preset)
+    return None
+
+
+def _train_defaults(name: str):
+    from .config import preset
+    from .data import DataConfig
+    from .train.config import RunConfig, TrainConfig
+
+    return RunConfig(model=preset(name), train=TrainConfig(), data=DataConfig(), preset=name)
+
+
+def cmd_train(args) -> int:
+    from .train import rundir
+    from .train.config import apply_overrides
+    from .train.trainer import run_training
+
+    run = _run_config(args, _train_defaults)
+    if run is None:
+        run = rundir.read_run_config(args.out) if args.out.is_dir() else None
+        if run is None:
+            raise UserError("train needs --preset NAME or --config FILE (or an --out folder holding a run to resume)")
+    run = apply_overrides(run, args.overrides)
+    result = run_training(run, args.out, resume=args.resume, data_cache=args.data_cache,
+                          progress=not args.no_progress)
+    if result.status == "already_complete":
+        print(f"{args.out} is already complete at step {result.step}; nothing to do")
+    else:
+        print(f"done: {result.step} steps, val loss {result.final_val_loss:.4f}, "
+              f"{result.tokens_per_s:,.0f} tokens/s; run in {args.out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .train.compare import DEFAULT_SEEDS, compare, default_run
+    from .train.config import apply_overrides
+
+    run = apply_overrides(_run_config(args, default_run) or default_run("tiny"), args.overrides)
+    out = args.out or Path("runs") / f"compare-{run.preset or 'custom'}"
+    compare(run, out, seeds=args.seeds or DEFAULT_SEEDS, data_cache=args.data_cache, progress=not args.no_progress)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .train.evaluate import evaluate_run
+
+    res = evaluate_run(args.run_dir, max_batches=args.batches, data_cache=args.data_cache, device=args.device)
+    print(f"{res['checkpoint']}: step {res['step']}, val loss {res['val_loss']:.4f}, "
+          f"perplexity {res['val_ppl']:.2f} ({res['tokens']:,} tokens)")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .api import load
+
+    if not args.prompt:
+        raise UserError("--prompt is empty: give some text to continue")
+    if args.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.temperature < 0 or (args.top_k is not None and args.top_k <= 0) or (
+            args.top_p is not None and not 0 < args.top_p <= 1):
+        raise UserError("--temperature must be >= 0, --top-k positive and --top-p in (0, 1]")
+    model, tokenizer = load(args.run_dir, device=args.device)
+    limit = model.config.max_seq_len
+    if args.max_new_tokens >= limit:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be below the model's max_seq_len {limit}")
+    ids = tokenizer.encode(args.prompt)[-(limit - args.max_new_tokens):]  # keep the prompt's end when too long
+    prompt = torch.tensor([ids], dtype=torch.long, device=args.device)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    new: list[int] = []
+    shown = ""
+    for token in model.stream(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, eos_token_id=tokenizer.eos_id, generator=gen):
+        tid = int(token[0])
+        if tid == tokenizer.eos_id:
+            break
+        new.append(tid)
+        text = tokenizer.decode(new)  # decode the whole tail: a token may complete a multi-byte character
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write(tokenizer.decode(new)[len(shown):] + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .train.trainer import Preempted, TrainingDiverged
+
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
