@@ -21,6 +21,7 @@ from diff_transformer.data import (
     ByteTokenizer,
     DataConfig,
     TiktokenTokenizer,
+    Tokenizer,
     eval_batches,
     load_tokenizer,
     prepare_dataset,
@@ -31,7 +32,7 @@ from diff_transformer.errors import UserError
 
 WORDS = ["the", "and", "of", "naïve", "café", "日本語", "😀", "Zoë", "co-operate", "1789", "don't", "x²", "e\u0301"]
 WORDS += ["I'm", "Washington", "UNION"]
-SEPARATORS = [" ", " ", " ", " ", "  ", "\n", "\n\n", "\t", "\r\n", ", ", ". "]
+SEPARATORS = [" ", " ", " ", " ", "  ", "    ", "\n", "\n\n", "\t", "\r\n", ", ", ". "]
 TRICKY = [
     "",
     "Hello, world!",
@@ -117,6 +118,7 @@ def test_data_config_rejects_bad_values(changes, match):
 @pytest.mark.parametrize("kind", ["bpe", "byte", "tiktoken"])
 def test_tokenizer_round_trips_and_saves(kind, bpe, tiktoken_file, tmp_path):
     tokenizer = {"bpe": bpe, "byte": ByteTokenizer(), "tiktoken": TiktokenTokenizer.from_file(tiktoken_file)}[kind]
+    assert isinstance(tokenizer, Tokenizer)
     texts = TRICKY + make_docs(5, seed=1)
     for text in texts:
         ids = tokenizer.encode(text)
@@ -211,8 +213,14 @@ def test_pieces_encode_like_the_whole_text(name, bpe, tmp_path):
     assert [i for p in parts for i in tokenizer.encode(p)] == tokenizer.encode(text)
 
 
-def test_load_tokenizer_from_empty_folder(tmp_path):
+def test_load_tokenizer_from_empty_or_broken_folder(tmp_path):
     with pytest.raises(UserError, match="no tokenizer in"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_meta.json").write_text('{"kind": "tiktoken"}')
+    with pytest.raises(UserError, match="is not a tokenizer description"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_meta.json").write_text('{"kind": "wordpiece"}')
+    with pytest.raises(UserError, match="unknown tokenizer kind 'wordpiece'"):
         load_tokenizer(tmp_path)
 
 

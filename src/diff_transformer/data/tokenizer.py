@@ -86,7 +86,9 @@ class BPETokenizer:
     def __init__(self, backend) -> None:  # backend: tokenizers.Tokenizer
         eos_id = backend.token_to_id(EOS_TEXT)
         if eos_id is None:
-            raise UserError(f"the BPE tokenizer has no {EOS_TEXT} token: train it with train_bpe()")
+            raise UserError(
+                f"the BPE tokenizer has no {EOS_TEXT} token: use one trained by this package (BPETokenizer.train)"
+            )
         self.backend = backend
         self.name = "bpe"
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
@@ -236,17 +238,17 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     try:
         meta = json.loads(meta_path.read_text())
         kind = meta["kind"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{meta_path} is not a tokenizer description ({e}): save the tokenizer again") from e
-    if kind == "byte":
-        return ByteTokenizer()
-    if kind == "bpe":
-        from tokenizers import Tokenizer as Backend
+        if kind == "byte":
+            return ByteTokenizer()
+        if kind == "bpe":
+            from tokenizers import Tokenizer as Backend
 
-        return BPETokenizer(Backend.from_file(str(_need(directory / meta["file"]))))
-    if kind == "tiktoken":
-        data = _need(directory / meta["file"]).read_bytes()
-        return TiktokenTokenizer(data, meta["name"], meta["pattern"], int(meta["eos_id"]), str(directory))
+            return BPETokenizer(Backend.from_file(str(_need(directory / meta["file"]))))
+        if kind == "tiktoken":
+            data = _need(directory / meta["file"]).read_bytes()
+            return TiktokenTokenizer(data, meta["name"], meta["pattern"], int(meta["eos_id"]), str(directory))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{meta_path} is not a tokenizer description ({e!r}): save the tokenizer again") from e
     raise UserError(f"{meta_path} names an unknown tokenizer kind {kind!r}: expected bpe, byte or tiktoken")
 
 
