@@ -44,11 +44,13 @@ def load(path, device: str | torch.device = "cpu"):
     from .data import load_tokenizer
     from .data.tokenizer import META_FILE
 
+    from safetensors import SafetensorError
+
     model_dir = resolve_model_dir(path)
     try:
         model = serialization.from_pretrained(model_dir, device=device)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(str(e)) from None
+    except (FileNotFoundError, ValueError, SafetensorError) as e:
+        raise UserError(f"cannot load the model in {model_dir}: {e}") from None
     tok_dir = model_dir
     if not (tok_dir / META_FILE).is_file() and (model_dir.parent.parent / "tokenizer").is_dir():
         tok_dir = model_dir.parent.parent / "tokenizer"  # a checkpoint without its own tokenizer copy

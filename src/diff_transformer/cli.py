@@ -9,6 +9,7 @@ nothing on disk overwritten); 3 training diverged (non-finite steps, no rollback
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -100,6 +101,8 @@ def cmd_train(args) -> int:
     run = apply_overrides(run, args.overrides)
     result = run_training(run, args.out, resume=args.resume, data_cache=args.data_cache,
                           progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     if result.status == "already_complete":
         print(f"{args.out} is already complete at step {result.step}; nothing to do")
     else:

@@ -281,6 +281,7 @@ class Trainer:
         return {"kind": "eval", "step": self.step, "val_loss": val_loss,
                 "val_ppl": math.exp(min(val_loss, 700.0)), "lambdas": self.lambdas()}
 
+    @torch.no_grad()
     def lambdas(self) -> list[float] | None:
         """Each layer's λ (DIFF V1), gathered from shards under FSDP."""
         if self.run.model.attention != "diff":
