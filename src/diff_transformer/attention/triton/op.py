@@ -52,9 +52,9 @@ def fwd_config(d: int, dv: int, dtype: torch.dtype, device: torch.device) -> Fwd
         return FwdConfig(16, 16, None, 1, 1)
     if dtype == torch.float32:
         return FwdConfig(32, 32, None, 4, 2)
-    if dv > 128:
-        return FwdConfig(64, 64, None, 8, 2)
-    return FwdConfig(128, 64, None, 8, 2)
+    if dv > 128:  # two fp32 accumulators of width 2d do not fit: split the value width in two programs
+        return FwdConfig(128, 64, dv // 2, 8, 2)
+    return FwdConfig(128, 64, None, 8, 3)
 
 
 def bwd_config(d: int, dv: int, dtype: torch.dtype, device: torch.device) -> BwdConfig:
@@ -64,8 +64,8 @@ def bwd_config(d: int, dv: int, dtype: torch.dtype, device: torch.device) -> Bwd
     if dtype == torch.float32:
         return BwdConfig((32, 32, 4), (32, 32, 4, 1), (32, 32, 4, 1), atomic_dq=False)
     if dv > 128:
-        return BwdConfig((64, 64, 8), (64, 64, 8, 2), (64, 64, 8, 2), atomic_dq=False)
-    return BwdConfig((64, 64, 8), (64, 64, 8, 2), (64, 64, 8, 2), atomic_dq=False)
+        return BwdConfig((64, 64, 8), (64, 32, 4, 2), (128, 32, 8, 2), atomic_dq=False)
+    return BwdConfig((64, 64, 8), (32, 128, 8, 2), (128, 32, 8, 2), atomic_dq=True)
 
 
 def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
