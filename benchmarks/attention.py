@@ -191,18 +191,22 @@ def kernel_check():
 
 # Launch-shape sweep ----------------------------------------------------------------------------
 FWD_CANDIDATES = {
-    "v1": [(128, 64, 128, 8, 3), (128, 64, 128, 8, 2), (64, 64, 128, 8, 3), (128, 32, 128, 4, 3),
-           (64, 64, None, 8, 2), (64, 64, None, 8, 3), (64, 32, None, 8, 2)],
-    "v2": [(128, 64, None, 8, 3), (128, 64, None, 8, 2), (128, 32, None, 4, 3), (64, 64, None, 4, 4)],
+    "v1": [(128, 64, 128, 8, 3), (128, 128, 128, 8, 2), (64, 64, None, 8, 3)],
+    "v2": [(128, 64, None, 8, 3), (128, 64, None, 8, 2)],
 }
-DKDV_CANDIDATES = {
-    "v1": [(64, 32, 4, 2, False), (64, 32, 4, 3, False), (64, 32, 8, 2, False), (32, 32, 4, 2, False),
-           (64, 16, 4, 2, False), (128, 32, 8, 2, False), (32, 64, 4, 3, False), (32, 64, 8, 3, True)],
-    "v2": [(32, 128, 8, 2, True), (32, 128, 8, 3, True), (32, 64, 4, 3, True), (16, 128, 8, 2, True),
-           (32, 128, 4, 2, True), (32, 128, 8, 2, False), (32, 64, 4, 2, False), (64, 64, 4, 2, False)],
+# Backward: a starting point, then coordinate steps (field, candidates) taken in turn, keeping the best.
+BWD_START = {
+    "v1": dict(pre=(128, 64, 8), dkdv=(64, 32, 4, 2), dq=(128, 32, 8, 3), atomic_dq=False, dv_pass=None),
+    "v2": dict(pre=(128, 64, 8), dkdv=(32, 64, 4, 2), dq=(128, 32, 8, 3), atomic_dq=False, dv_pass=None),
 }
-DQ_CANDIDATES = [(128, 32, 8, 2), (128, 32, 8, 3), (128, 32, 4, 2), (64, 32, 8, 2), (128, 16, 8, 2), (64, 32, 4, 2)]
-PRE_CANDIDATES = [(64, 64, 8), (128, 32, 8), (64, 32, 4), (128, 64, 8)]
+BWD_STEPS = {
+    "v1": [("dv_pass", [(64, 64, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2), (64, 32, 4, 2)]),
+           ("dkdv", [(32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 4, 3)]),
+           ("dq", [(128, 64, 8, 2), (64, 64, 4, 2)])],
+    "v2": [("dkdv", [(32, 128, 8, 2), (64, 64, 4, 2)]),
+           ("dv_pass", [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2)]),
+           ("dkdv", [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2)])],
+}
 
 
 def _timed(fn) -> float:
@@ -214,7 +218,7 @@ def _timed(fn) -> float:
 
 
 def sweep(n=8192, tokens=32768):
-    """Coordinate search over launch shapes at one N: the forward, then dK/dV, dQ and E kernels in turn.
+    """Coordinate search over launch shapes at one N: the forward's candidates, then BWD_STEPS in turn.
 
     Returns (every timing, the best (FwdConfig, BwdConfig) for each variant).
     """
@@ -244,20 +248,14 @@ def sweep(n=8192, tokens=32768):
             return _timed(lambda: op.backward(do, q1, q2, k1, k2, v, lam, o, lse1, lse2, causal=True, scale=s,
                                               config=c))
 
-        cur = op.BwdConfig(PRE_CANDIDATES[0], DKDV_CANDIDATES[variant][0][:4], DQ_CANDIDATES[0],
-                           DKDV_CANDIDATES[variant][0][4])
-        times = {c: record("bwd", c, run_bwd(c)) for c in
-                 [dataclasses.replace(cur, dkdv=dk[:4], atomic_dq=dk[4]) for dk in DKDV_CANDIDATES[variant]]}
-        cur = min(times, key=times.get)
-        if not cur.atomic_dq:
-            for dq in DQ_CANDIDATES[1:]:
-                c = dataclasses.replace(cur, dq=dq)
-                times[c] = record("bwd", c, run_bwd(c))
+        cur = op.BwdConfig(**BWD_START[variant])
+        times = {cur: record("bwd", cur, run_bwd(cur))}
+        for field, candidates in BWD_STEPS[variant]:
+            for value in candidates:
+                c = dataclasses.replace(cur, **{field: value})
+                if c not in times:
+                    times[c] = record("bwd", c, run_bwd(c))
             cur = min(times, key=times.get)
-        for pre in PRE_CANDIDATES[1:]:
-            c = dataclasses.replace(cur, pre=pre)
-            times[c] = record("bwd", c, run_bwd(c))
-        cur = min(times, key=times.get)
         best[variant] = (fwd_best, cur)
         print(f"best {variant}: {fwd_best} {fwd_times[fwd_best]:.3f} ms, {cur} {times[cur]:.3f} ms", flush=True)
         del q1, q2, k1, k2, v, o, do

@@ -147,6 +147,11 @@ def test_kernel_dtypes(dtype):
         # The value width split across programs, dQ by atomics, unequal query/key blocks.
         (op.FwdConfig(16, 32, 16, 1, 1), op.BwdConfig((32, 16, 1), (16, 32, 1, 1), (16, 16, 1, 1), True)),
         (op.FwdConfig(32, 16, None, 1, 1), op.BwdConfig((16, 32, 1), (32, 16, 1, 1), (32, 16, 1, 1), False)),
+        # dK and dV in separate launches (with and without atomic dQ).
+        (op.FwdConfig(16, 16, None, 1, 1), op.BwdConfig((16, 16, 1), (16, 32, 1, 1), (16, 16, 1, 1), False,
+                                                        (32, 16, 1, 1))),
+        (op.FwdConfig(16, 16, None, 1, 1), op.BwdConfig((16, 16, 1), (16, 16, 1, 1), (16, 16, 1, 1), True,
+                                                        (16, 32, 1, 1))),
     ],
 )
 @pytest.mark.parametrize("variant", ["v1", "v2"])

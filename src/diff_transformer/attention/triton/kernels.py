@@ -94,9 +94,12 @@ def _fwd_kernel(
     D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, LAM_ROWS: tl.constexpr, SHARED_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_M), B·H, dv / BLOCK_DV): one query block, one slice of the value width."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    """Grid (B·H, cdiv(N, BLOCK_M), dv / BLOCK_DV): one query block, one slice of the value width.
+
+    Heads vary fastest and query blocks run last-first, so the longest causal rows start first.
+    """
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     g = h // GROUP
@@ -164,9 +167,9 @@ def _bwd_pre_kernel(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, LAM_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_M), B·H): E2 = rowsum(P2 ∘ dO Vᵀ), E1 = dO·O + λ E2, both (B, H, N) fp32."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    """Grid (B·H, cdiv(N, BLOCK_M)): E2 = rowsum(P2 ∘ dO Vᵀ), E1 = dO·O + λ E2, both (B, H, N) fp32."""
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     g = h // GROUP
@@ -217,7 +220,7 @@ def _bwd_dkdv_step(
     LSE1, LSE2, E1, E2, lam_scalar, start_m, offs_m, offs_n, N, M, SHIFT, qk_scale, sm_scale,
     stride_q1n, stride_q2n, stride_don, stride_ln, stride_dqn,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, SHARED_K: tl.constexpr, LAM_ROWS: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """One query block against this program's key block, in the transposed (keys × queries) frame."""
     rows = start_m + offs_m
@@ -252,15 +255,17 @@ def _bwd_dkdv_step(
         s2t = tl.where(ok, s2t, float("-inf"))
     p1t = tl.math.exp2(s1t - lse1[None, :])
     p2t = tl.math.exp2(s2t - lse2[None, :])
-    gt = tl.dot(v, tl.trans(do))  # (dO Vᵀ)ᵀ (BLOCK_N, BLOCK_M)
-    dv = tl.dot((p1t - lam * p2t).to(DOT_DTYPE), do, dv)
-    ds1t = p1t * (gt - e1[None, :])
-    ds2t = -lam * p2t * (gt - e2[None, :])
-    dk1 = tl.dot(ds1t.to(DOT_DTYPE), q1, dk1)
-    if SHARED_K:
-        dk1 = tl.dot(ds2t.to(DOT_DTYPE), q2, dk1)
-    else:
-        dk2 = tl.dot(ds2t.to(DOT_DTYPE), q2, dk2)
+    if DO_DV:
+        dv = tl.dot((p1t - lam * p2t).to(DOT_DTYPE), do, dv)
+    if DO_DK:
+        gt = tl.dot(v, tl.trans(do))  # (dO Vᵀ)ᵀ (BLOCK_N, BLOCK_M)
+        ds1t = p1t * (gt - e1[None, :])
+        ds2t = -lam * p2t * (gt - e2[None, :])
+        dk1 = tl.dot(ds1t.to(DOT_DTYPE), q1, dk1)
+        if SHARED_K:
+            dk1 = tl.dot(ds2t.to(DOT_DTYPE), q2, dk1)
+        else:
+            dk2 = tl.dot(ds2t.to(DOT_DTYPE), q2, dk2)
     if ATOMIC_DQ:
         dq1 = tl.dot(tl.trans(ds1t).to(DOT_DTYPE), k1) * sm_scale  # (BLOCK_M, D)
         dq2 = tl.dot(tl.trans(ds2t).to(DOT_DTYPE), k2) * sm_scale
@@ -279,15 +284,17 @@ def _bwd_dkdv_kernel(
     H, GROUP, N, M, qk_scale, sm_scale,
     D: tl.constexpr, DV_: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, LAM_ROWS: tl.constexpr, SHARED_K: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DO_DK: tl.constexpr, DO_DV: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """Grid (cdiv(M, BLOCK_N), B·H_kv): dK1, dK2 (or their sum when SHARED_K) and dV of one key block.
+    """Grid (B·H_kv, cdiv(M, BLOCK_N)): dK1, dK2 (or their sum when SHARED_K) and dV of one key block.
 
-    DQ1/DQ2 are contiguous fp32 (B, H, N, D) buffers (zeroed) when ATOMIC_DQ; DK1/DK2/DV are
-    contiguous (B, H_kv, M, ·) in the input dtype.
+    ``DO_DK``/``DO_DV`` pick what this launch accumulates: both in one pass, or dK and dV in two
+    launches with half the fp32 accumulators each (V1's 2d-wide dV leaves few registers otherwise).
+    DQ1/DQ2 are contiguous fp32 (B, H, N, D) buffers (zeroed) when ATOMIC_DQ (which needs DO_DK);
+    DK1/DK2/DV are contiguous (B, H_kv, M, ·) in the input dtype.
     """
-    start_n = tl.program_id(0) * BLOCK_N
-    bg = tl.program_id(1)
+    start_n = tl.program_id(1) * BLOCK_N  # the first key blocks have the most causal queries: first
+    bg = tl.program_id(0)
     H_KV = H // GROUP
     b = (bg // H_KV).to(tl.int64)
     g = (bg % H_KV).to(tl.int64)
@@ -338,27 +345,29 @@ def _bwd_dkdv_kernel(
                 dk1, dk2, dv, k1, k2, v, q1_ptrs, q2_ptrs, do_ptrs, DQ1 + dq_off, DQ2 + dq_off, lam_ptrs, lse_off,
                 LSE1, LSE2, E1, E2, lam_scalar, start_m, offs_m, offs_n, N, M, SHIFT, qk_scale, sm_scale,
                 stride_q1n, stride_q2n, stride_don, stride_ln, D,
-                True, CAUSAL, SHARED_K, LAM_ROWS, ATOMIC_DQ, DOT_DTYPE)
+                True, CAUSAL, SHARED_K, LAM_ROWS, ATOMIC_DQ, DO_DK, DO_DV, DOT_DTYPE)
         for start_m in range(full_lo, n_even, BLOCK_M):
             dk1, dk2, dv = _bwd_dkdv_step(
                 dk1, dk2, dv, k1, k2, v, q1_ptrs, q2_ptrs, do_ptrs, DQ1 + dq_off, DQ2 + dq_off, lam_ptrs, lse_off,
                 LSE1, LSE2, E1, E2, lam_scalar, start_m, offs_m, offs_n, N, M, SHIFT, qk_scale, sm_scale,
                 stride_q1n, stride_q2n, stride_don, stride_ln, D,
-                False, CAUSAL, SHARED_K, LAM_ROWS, ATOMIC_DQ, DOT_DTYPE)
+                False, CAUSAL, SHARED_K, LAM_ROWS, ATOMIC_DQ, DO_DK, DO_DV, DOT_DTYPE)
         for start_m in range(tail_lo, N, BLOCK_M):
             dk1, dk2, dv = _bwd_dkdv_step(
                 dk1, dk2, dv, k1, k2, v, q1_ptrs, q2_ptrs, do_ptrs, DQ1 + dq_off, DQ2 + dq_off, lam_ptrs, lse_off,
                 LSE1, LSE2, E1, E2, lam_scalar, start_m, offs_m, offs_n, N, M, SHIFT, qk_scale, sm_scale,
                 stride_q1n, stride_q2n, stride_don, stride_ln, D,
-                True, CAUSAL, SHARED_K, LAM_ROWS, ATOMIC_DQ, DOT_DTYPE)
+                True, CAUSAL, SHARED_K, LAM_ROWS, ATOMIC_DQ, DO_DK, DO_DV, DOT_DTYPE)
 
     kv_row = (b * H_KV + g) * M + offs_n  # dK/dV buffers are contiguous (B, H_kv, M, ·)
-    tl.store(DK1 + kv_row[:, None] * D + offs_d[None, :], (dk1 * sm_scale).to(DK1.dtype.element_ty),
-             mask=col_ok[:, None])
-    if not SHARED_K:
-        tl.store(DK2 + kv_row[:, None] * D + offs_d[None, :], (dk2 * sm_scale).to(DK2.dtype.element_ty),
+    if DO_DK:
+        tl.store(DK1 + kv_row[:, None] * D + offs_d[None, :], (dk1 * sm_scale).to(DK1.dtype.element_ty),
                  mask=col_ok[:, None])
-    tl.store(DV + kv_row[:, None] * DV_ + offs_v[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+        if not SHARED_K:
+            tl.store(DK2 + kv_row[:, None] * D + offs_d[None, :], (dk2 * sm_scale).to(DK2.dtype.element_ty),
+                     mask=col_ok[:, None])
+    if DO_DV:
+        tl.store(DV + kv_row[:, None] * DV_ + offs_v[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 # Backward: dQ without atomics ------------------------------------------------------------------
@@ -409,9 +418,9 @@ def _bwd_dq_kernel(
     D: tl.constexpr, DV_: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, LAM_ROWS: tl.constexpr, SHARED_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_M), B·H): dQ1, dQ2 of one query block into contiguous (B, H, N, D)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    """Grid (B·H, cdiv(N, BLOCK_M)): dQ1, dQ2 of one query block into contiguous (B, H, N, D)."""
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     g = h // GROUP

@@ -44,6 +44,7 @@ class BwdConfig:
     dkdv: tuple[int, int, int, int]  # dK/dV kernel: (block_m queries per step, block_n keys per program, warps, stages)
     dq: tuple[int, int, int, int]  # dQ kernel: (block_m, block_n, warps, stages); unused when atomic_dq
     atomic_dq: bool  # add dQ from the dK/dV kernel with fp32 atomics instead of a second pass over the keys
+    dv_pass: tuple[int, int, int, int] | None = None  # dV in its own launch with this shape; None = with dK
 
 
 def fwd_config(d: int, dv: int, dtype: torch.dtype, device: torch.device) -> FwdConfig:
@@ -53,7 +54,7 @@ def fwd_config(d: int, dv: int, dtype: torch.dtype, device: torch.device) -> Fwd
     if dtype == torch.float32:
         return FwdConfig(32, 32, None, 4, 2)
     if dv > 128:  # two fp32 accumulators of width 2d do not fit: split the value width in two programs
-        return FwdConfig(128, 64, dv // 2, 8, 2)
+        return FwdConfig(128, 64, dv // 2, 8, 3)
     return FwdConfig(128, 64, None, 8, 3)
 
 
@@ -64,8 +65,8 @@ def bwd_config(d: int, dv: int, dtype: torch.dtype, device: torch.device) -> Bwd
     if dtype == torch.float32:
         return BwdConfig((32, 32, 4), (32, 32, 4, 1), (32, 32, 4, 1), atomic_dq=False)
     if dv > 128:
-        return BwdConfig((64, 64, 8), (64, 32, 4, 2), (128, 32, 8, 2), atomic_dq=False)
-    return BwdConfig((64, 64, 8), (32, 128, 8, 2), (128, 32, 8, 2), atomic_dq=True)
+        return BwdConfig((128, 64, 8), (64, 32, 4, 2), (128, 32, 8, 3), atomic_dq=False)
+    return BwdConfig((128, 64, 8), (32, 64, 4, 2), (128, 32, 8, 3), atomic_dq=False)
 
 
 def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -158,7 +159,7 @@ def forward(q1, q2, k1, k2, v, lam, *, causal: bool, scale: float, config: FwdCo
     o = new_buffer((b, h, n, dv), v.dtype, q1.device)
     lse1 = new_buffer((b, h, n), torch.float32, q1.device)
     lse2 = new_buffer((b, h, n), torch.float32, q1.device)
-    grid = (triton.cdiv(n, cfg.block_m), b * h, dv // block_dv)
+    grid = (b * h, triton.cdiv(n, cfg.block_m), dv // block_dv)
     with _on_device(q1.device):
         kernels._fwd_kernel[grid](
             q1, q2, k1, k2, v, lam, o, lse1, lse2,
@@ -201,22 +202,27 @@ def backward(do, q1, q2, k1, k2, v, lam, o, lse1, lse2, *, causal: bool, scale: 
               *_lam_strides(lam), h, h // h_kv, n, m, qk_scale, scale)
     with _on_device(dev):
         pm, pn, pw = cfg.pre
-        kernels._bwd_pre_kernel[(triton.cdiv(n, pm), b * h)](
+        kernels._bwd_pre_kernel[(b * h, triton.cdiv(n, pm))](
             q2, k2, v, lam, o, do, lse2, e1, e2,
             *_strides3(q2), *_strides3(k2), *_strides3(v), *_strides3(o), *_strides3(do), *_lam_strides(lam),
             h, h // h_kv, n, m, qk_scale,
             D=d, DV=dv, BLOCK_M=pm, BLOCK_N=pn, CAUSAL=causal, LAM_ROWS=lam_rows, DOT_DTYPE=dot_dtype,
             num_warps=pw, num_stages=1,
         )
-        km, kn, kw, ks = cfg.dkdv
-        kernels._bwd_dkdv_kernel[(triton.cdiv(m, kn), b * h_kv)](
-            q1, q2, k1, k2, v, lam, do, lse1, lse2, e1, e2, dq1, dq2, dk1, dk2, dvt, *common,
-            D=d, DV_=dv, BLOCK_M=km, BLOCK_N=kn, CAUSAL=causal, LAM_ROWS=lam_rows, SHARED_K=shared,
-            ATOMIC_DQ=cfg.atomic_dq, DOT_DTYPE=dot_dtype, num_warps=kw, num_stages=ks,
-        )
+        if cfg.dv_pass is None:
+            passes = [(cfg.dkdv, True, True)]
+        else:
+            passes = [(cfg.dkdv, True, False), (cfg.dv_pass, False, True)]
+        for (km, kn, kw, ks), do_dk, do_dv in passes:
+            kernels._bwd_dkdv_kernel[(b * h_kv, triton.cdiv(m, kn))](
+                q1, q2, k1, k2, v, lam, do, lse1, lse2, e1, e2, dq1, dq2, dk1, dk2, dvt, *common,
+                D=d, DV_=dv, BLOCK_M=km, BLOCK_N=kn, CAUSAL=causal, LAM_ROWS=lam_rows, SHARED_K=shared,
+                ATOMIC_DQ=cfg.atomic_dq and do_dk, DO_DK=do_dk, DO_DV=do_dv, DOT_DTYPE=dot_dtype,
+                num_warps=kw, num_stages=ks,
+            )
         if not cfg.atomic_dq:
             qm, qn, qw, qs = cfg.dq
-            kernels._bwd_dq_kernel[(triton.cdiv(n, qm), b * h)](
+            kernels._bwd_dq_kernel[(b * h, triton.cdiv(n, qm))](
                 q1, q2, k1, k2, v, lam, do, lse1, lse2, e1, e2, dq1, dq2, *common,
                 D=d, DV_=dv, BLOCK_M=qm, BLOCK_N=qn, CAUSAL=causal, LAM_ROWS=lam_rows, SHARED_K=shared,
                 DOT_DTYPE=dot_dtype, num_warps=qw, num_stages=qs,
