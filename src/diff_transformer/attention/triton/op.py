@@ -64,9 +64,9 @@ def bwd_config(d: int, dv: int, dtype: torch.dtype, device: torch.device) -> Bwd
         return BwdConfig((16, 16, 1), (16, 16, 1, 1), (16, 16, 1, 1), atomic_dq=False)
     if dtype == torch.float32:
         return BwdConfig((32, 32, 4), (32, 32, 4, 1), (32, 32, 4, 1), atomic_dq=False)
-    if dv > 128:
-        return BwdConfig((128, 64, 8), (64, 32, 4, 2), (128, 32, 8, 3), atomic_dq=False)
-    return BwdConfig((128, 64, 8), (32, 64, 4, 2), (128, 32, 8, 3), atomic_dq=False)
+    if dv > 128:  # dK1/dK2 and the 2d-wide dV in separate launches: half the accumulators each
+        return BwdConfig((128, 64, 8), (32, 128, 8, 2), (128, 32, 8, 3), atomic_dq=False, dv_pass=(32, 64, 4, 2))
+    return BwdConfig((128, 64, 8), (32, 128, 8, 2), (128, 32, 8, 3), atomic_dq=False)
 
 
 def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -95,9 +95,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Longest key sequence at which the kernel beat every SDPA path on an H200 (forward+backward, bf16,
+# causal, 32K tokens a batch; benchmarks/NOTES.md): V1 (dv = 2d) up to 4K, V2 (dv = d) up to 2K.
+AUTO_MAX_KEYS = {"v1": 4096, "v2": 2048}
+
+
 def supports(q1: Tensor, k1: Tensor, k2: Tensor, v: Tensor) -> bool:
-    """Whether ``auto`` should take this backend: CUDA half-precision inputs the kernel covers."""
-    return q1.is_cuda and q1.dtype in (torch.float16, torch.bfloat16) and unsupported_reason(q1, k1, k2, v) is None
+    """Whether ``auto`` should take this backend: CUDA half-precision inputs the kernel covers, at
+    lengths where it was measured faster than SDPA (``AUTO_MAX_KEYS``)."""
+    if not q1.is_cuda or q1.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    variant = "v1" if v.shape[-1] == 2 * q1.shape[-1] else "v2"
+    return unsupported_reason(q1, k1, k2, v) is None and k1.shape[-2] <= AUTO_MAX_KEYS[variant]
 
 
 def _check(q1: Tensor, k1: Tensor, k2: Tensor | None, v: Tensor, causal: bool) -> None:
