@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from ..config import ConfigError, ModelConfig, preset
+from ..config import PRESETS, ConfigError, ModelConfig, preset
 from ..data import DataConfig
 
 Schedule = Literal["cosine", "linear", "constant"]
@@ -153,7 +153,7 @@ class RunConfig:
             raise ConfigError(f"{source}: unknown section(s) {unknown}; expected {list(SECTIONS)} and 'preset'")
         name = d.get("preset")
         model = dict(d.get("model", {}))
-        base = preset(name).to_dict() if name else {}
+        base = dict(PRESETS[name]) if name and preset(name) else {}  # raw: derived fields follow the file's values
         try:
             return cls(
                 model=ModelConfig.from_dict({**base, **model}) if (model or base) else preset("tiny"),

@@ -370,7 +370,7 @@ class Trainer:
                 elif self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     self.record({"kind": "train", "step": self.step, "loss": loss, "grad_norm": grad_norm,
                                  "lr": self.optimizer.param_groups[0]["lr"], "tokens": self.step * cfg.tokens_per_step,
-                                 "tokens_per_s": tok_s})
+                                 "tokens_per_s": tok_s, "train_seconds": self._train_time})
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
