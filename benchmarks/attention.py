@@ -196,8 +196,8 @@ FWD_CANDIDATES = {
 }
 # Backward: a starting point, then coordinate steps (field, candidates) taken in turn, keeping the best.
 BWD_START = {
-    "v1": dict(pre=(128, 64, 8), dkdv=(64, 32, 4, 2), dq=(128, 32, 8, 3), atomic_dq=False, dv_pass=None),
-    "v2": dict(pre=(128, 64, 8), dkdv=(32, 64, 4, 2), dq=(128, 32, 8, 3), atomic_dq=False, dv_pass=None),
+    "v1": dict(pre=(16, 4), dkdv=(64, 32, 4, 2), dq=(128, 32, 8, 3), atomic_dq=False, dv_pass=None),
+    "v2": dict(pre=(16, 4), dkdv=(32, 64, 4, 2), dq=(128, 32, 8, 3), atomic_dq=False, dv_pass=None),
 }
 BWD_STEPS = {
     "v1": [("dv_pass", [(64, 64, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2), (64, 32, 4, 2)]),
@@ -241,12 +241,12 @@ def sweep(n=8192, tokens=32768):
             fwd_times[c] = record("fwd", c, _timed(
                 lambda: op.forward(q1, q2, k1, k2, v, lam, causal=True, scale=s, config=c)))
         fwd_best = min(fwd_times, key=fwd_times.get)
-        o, lse1, lse2 = op.forward(q1, q2, k1, k2, v, lam, causal=True, scale=s, config=fwd_best)
+        o, lse1, lse2, o2 = op.forward(q1, q2, k1, k2, v, lam, causal=True, scale=s, config=fwd_best)
         do = torch.randn_like(o)
 
         def run_bwd(c):
-            return _timed(lambda: op.backward(do, q1, q2, k1, k2, v, lam, o, lse1, lse2, causal=True, scale=s,
-                                              config=c))
+            return _timed(lambda: op.backward(do, q1, q2, k1, k2, v, lam, o, o2, lse1, lse2, causal=True,
+                                              scale=s, config=c))
 
         cur = op.BwdConfig(**BWD_START[variant])
         times = {cur: record("bwd", cur, run_bwd(cur))}
@@ -258,7 +258,7 @@ def sweep(n=8192, tokens=32768):
             cur = min(times, key=times.get)
         best[variant] = (fwd_best, cur)
         print(f"best {variant}: {fwd_best} {fwd_times[fwd_best]:.3f} ms, {cur} {times[cur]:.3f} ms", flush=True)
-        del q1, q2, k1, k2, v, o, do
+        del q1, q2, k1, k2, v, o, o2, do
         torch.cuda.empty_cache()
     return results, best
 

@@ -145,12 +145,12 @@ def test_kernel_dtypes(dtype):
     "fwd,bwd",
     [
         # The value width split across programs, dQ by atomics, unequal query/key blocks.
-        (op.FwdConfig(16, 32, 16, 1, 1), op.BwdConfig((32, 16, 1), (16, 32, 1, 1), (16, 16, 1, 1), True)),
-        (op.FwdConfig(32, 16, None, 1, 1), op.BwdConfig((16, 32, 1), (32, 16, 1, 1), (32, 16, 1, 1), False)),
+        (op.FwdConfig(16, 32, 16, 1, 1), op.BwdConfig((32, 1), (16, 32, 1, 1), (16, 16, 1, 1), True)),
+        (op.FwdConfig(32, 16, None, 1, 1), op.BwdConfig((16, 1), (32, 16, 1, 1), (32, 16, 1, 1), False)),
         # dK and dV in separate launches (with and without atomic dQ).
-        (op.FwdConfig(16, 16, None, 1, 1), op.BwdConfig((16, 16, 1), (16, 32, 1, 1), (16, 16, 1, 1), False,
+        (op.FwdConfig(16, 16, None, 1, 1), op.BwdConfig((16, 1), (16, 32, 1, 1), (16, 16, 1, 1), False,
                                                         (32, 16, 1, 1))),
-        (op.FwdConfig(16, 16, None, 1, 1), op.BwdConfig((16, 16, 1), (16, 16, 1, 1), (16, 16, 1, 1), True,
+        (op.FwdConfig(16, 16, None, 1, 1), op.BwdConfig((16, 1), (16, 16, 1, 1), (16, 16, 1, 1), True,
                                                         (16, 32, 1, 1))),
     ],
 )
@@ -165,16 +165,16 @@ def test_launch_configs(fwd, bwd, variant):
         @staticmethod
         def forward(ctx, q1, q2, k1, k2, v, lam):
             shared = inputs[2] is inputs[3]
-            o, lse1, lse2 = op.forward(q1, q2, k1, None if shared else k2, v, lam, causal=True, scale=d**-0.5,
-                                       config=fwd)
-            ctx.save_for_backward(q1, q2, k1, k2, v, lam, o, lse1, lse2)
+            o, lse1, lse2, o2 = op.forward(q1, q2, k1, None if shared else k2, v, lam, causal=True,
+                                           scale=d**-0.5, config=fwd)
+            ctx.save_for_backward(q1, q2, k1, k2, v, lam, o, o2, lse1, lse2)
             ctx.shared = shared
             return o
 
         @staticmethod
         def backward(ctx, do):
-            q1, q2, k1, k2, v, lam, o, lse1, lse2 = ctx.saved_tensors
-            g = op.backward(do, q1, q2, k1, None if ctx.shared else k2, v, lam, o, lse1, lse2, causal=True,
+            q1, q2, k1, k2, v, lam, o, o2, lse1, lse2 = ctx.saved_tensors
+            g = op.backward(do, q1, q2, k1, None if ctx.shared else k2, v, lam, o, o2, lse1, lse2, causal=True,
                             scale=d**-0.5, config=bwd)
             if ctx.shared:
                 return g[0], g[1], g[2], None, g[3], g[4]
@@ -210,8 +210,20 @@ def test_custom_op_registration():
     """Schema, fake (meta) implementation and autograd registration agree with the real kernel."""
     inputs = make_inputs(1, 2, 1, 17, 17, 16, 32, torch.float16)
     q1, q2, k1, k2, v, lam = inputs
-    torch.library.opcheck(torch.ops.diff_transformer.diff_attn_fwd.default, (q1, q2, k1, k2, v, lam, True, 0.25),
+    torch.library.opcheck(torch.ops.diff_transformer.diff_attn_fwd.default, (q1, q2, k1, k2, v, lam, True, 0.25, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_inference_skips_branch_two_output():
+    """Without gradients the forward writes no O2 (the backward's only extra buffer) and gives the same O."""
+    inputs = make_inputs(1, 2, 2, 17, 17, 16, 32, torch.float16)
+    with torch.no_grad():
+        out = differential_attention(*inputs, causal=True, backend="triton")
+        o, _, _, o2 = torch.ops.diff_transformer.diff_attn_fwd(*inputs[:5], inputs[5], True, 0.25, False)
+    assert o2.numel() == 0
+    torch.testing.assert_close(out, o, rtol=0, atol=0)
+    ref = differential_attention(*inputs, causal=True, backend="reference")
+    assert rel_err(out, ref) < REL_TOL[torch.float16]
 
 
 def test_compiles_without_graph_breaks():
@@ -254,7 +266,7 @@ def test_unsupported_inputs_name_the_fix():
 
 def test_auto_backend_choice():
     """``auto`` takes the kernel for CUDA half-precision inputs and SDPA elsewhere."""
-    inputs = make_inputs(1, 2, 2, 8, 8, 16, 32, torch.float16)
+    inputs = make_inputs(1, 2, 2, 64, 64, 16, 32, torch.float16)
     expected = "triton" if DEVICE.type == "cuda" else "sdpa"
     assert resolve_backend("auto", inputs[0], inputs[2], inputs[3], inputs[4]) == expected
     fp32 = make_inputs(1, 2, 2, 8, 8, 16, 32, torch.float32)

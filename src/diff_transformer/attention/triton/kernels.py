@@ -14,7 +14,8 @@ Backward, with G = dO Vᵀ (shared by both branches, since dP1 = G and dP2 = −
     dS1 = P1 ∘ (G − E1)                  dS2 = −λ P2 ∘ (G − E2)
     dV  = (P1 − λ P2)ᵀ dO                dK1 = s dS1ᵀ Q1 ...      dλ = −E2 (summed for V1)
 
-``_bwd_pre_kernel`` computes E1, E2 (one q·k and one dO·vᵀ product per key block, no N×N buffer);
+The forward also stores O2 = P2 V when a backward will follow, so ``_bwd_pre_kernel`` gets E1, E2
+from rows of dO, O and O2 (no second pass over the keys);
 ``_bwd_dkdv_kernel`` walks query blocks for one key block (all query heads of its GQA group, so dK
 and dV need no atomics) and, with ``ATOMIC_DQ``, adds dQ into fp32 buffers; otherwise
 ``_bwd_dq_kernel`` walks key blocks for one query block.
@@ -85,14 +86,15 @@ def _fwd_step(
 
 @triton.jit
 def _fwd_kernel(
-    Q1, Q2, K1, K2, V, LAM, O, LSE1, LSE2,
+    Q1, Q2, K1, K2, V, LAM, O, O2, LSE1, LSE2,
     stride_q1b, stride_q1h, stride_q1n, stride_q2b, stride_q2h, stride_q2n,
     stride_k1b, stride_k1h, stride_k1n, stride_k2b, stride_k2h, stride_k2n,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     stride_lb, stride_lh, stride_ln,
     H, GROUP, N, M, qk_scale,
     D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, LAM_ROWS: tl.constexpr, SHARED_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    CAUSAL: tl.constexpr, LAM_ROWS: tl.constexpr, SHARED_K: tl.constexpr, STORE_O2: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     """Grid (B·H, cdiv(N, BLOCK_M), dv / BLOCK_DV): one query block, one slice of the value width.
 
@@ -148,8 +150,10 @@ def _fwd_kernel(
     else:
         lam = tl.load(LAM).to(tl.float32)
     out = acc1 / l1[:, None] - (lam / l2)[:, None] * acc2  # the λ combination, in registers
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_v[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    o_off = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_v[None, :]
+    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    if STORE_O2:  # O2 has O's shape and strides
+        tl.store(O2 + o_off, (acc2 / l2[:, None]).to(O2.dtype.element_ty), mask=row_ok[:, None])
     if tl.program_id(2) == 0:  # one value slice writes the statistics
         lse_off = bh.to(tl.int64) * N + offs_m  # LSE and E buffers are contiguous (B, H, N)
         tl.store(LSE1 + lse_off, m1 + tl.math.log2(l1), mask=row_ok)
@@ -159,57 +163,30 @@ def _fwd_kernel(
 # Backward: E1, E2 ------------------------------------------------------------------------------
 @triton.jit
 def _bwd_pre_kernel(
-    Q2, K2, V, LAM, O, DO, LSE2, E1, E2,
-    stride_q2b, stride_q2h, stride_q2n, stride_k2b, stride_k2h, stride_k2n,
-    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-    stride_dob, stride_doh, stride_don, stride_lb, stride_lh, stride_ln,
-    H, GROUP, N, M, qk_scale,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, LAM_ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    O, O2, DO, LAM, E1, E2,
+    stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_lb, stride_lh, stride_ln,
+    H, N,
+    DV: tl.constexpr, BLOCK_M: tl.constexpr, LAM_ROWS: tl.constexpr,
 ):
-    """Grid (B·H, cdiv(N, BLOCK_M)): E2 = rowsum(P2 ∘ dO Vᵀ), E1 = dO·O + λ E2, both (B, H, N) fp32."""
-    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    """Grid (B·H, cdiv(N, BLOCK_M)): E2 = dO·O2, E1 = dO·O + λ E2, both (B, H, N) fp32 (O2 has O's strides)."""
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    g = h // GROUP
-    SHIFT = M - N
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_v = tl.arange(0, DV)
     row_ok = offs_m < N
-    lse_off = bh.to(tl.int64) * N + offs_m
-
-    q2 = tl.load(Q2 + b * stride_q2b + h * stride_q2h + offs_m[:, None] * stride_q2n + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)  # (BLOCK_M, D)
+    o_off = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_v[None, :]
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_v[None, :],
-                 mask=row_ok[:, None], other=0.0)  # (BLOCK_M, DV)
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_v[None, :],
-                mask=row_ok[:, None], other=0.0)
-    e_out = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # dO·O (BLOCK_M,)
-    do = do.to(DOT_DTYPE)
-    lse2 = tl.load(LSE2 + lse_off, mask=row_ok, other=0.0)
-    k2t_ptrs = K2 + b * stride_k2b + g * stride_k2h + offs_n[None, :] * stride_k2n + offs_d[:, None]  # (D, BLOCK_N)
-    vt_ptrs = V + b * stride_vb + g * stride_vh + offs_n[None, :] * stride_vn + offs_v[:, None]  # (DV, BLOCK_N)
-
-    e2 = tl.zeros([BLOCK_M], tl.float32)
-    hi = tl.minimum(M, start_m + BLOCK_M + SHIFT) if CAUSAL else M
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k2t = tl.load(k2t_ptrs + start_n * stride_k2n, mask=cols[None, :] < M, other=0.0).to(DOT_DTYPE)
-        vt = tl.load(vt_ptrs + start_n * stride_vn, mask=cols[None, :] < M, other=0.0).to(DOT_DTYPE)
-        s2 = tl.dot(q2, k2t) * qk_scale  # (BLOCK_M, BLOCK_N)
-        s2 = tl.where(_visible(offs_m, cols, M, SHIFT, CAUSAL), s2, float("-inf"))
-        p2 = tl.math.exp2(s2 - lse2[:, None])
-        gm = tl.dot(do, vt)  # dO Vᵀ (BLOCK_M, BLOCK_N)
-        e2 += tl.sum(p2 * gm, 1)
-
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, DV)
+    o = tl.load(O + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    o2 = tl.load(O2 + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    e2 = tl.sum(do * o2, 1)
     if LAM_ROWS:
         lam = tl.load(LAM + b * stride_lb + h * stride_lh + offs_m * stride_ln, mask=row_ok, other=0.0).to(tl.float32)
     else:
         lam = tl.load(LAM).to(tl.float32)
-    tl.store(E1 + lse_off, e_out + lam * e2, mask=row_ok)
+    lse_off = bh.to(tl.int64) * N + offs_m
+    tl.store(E1 + lse_off, tl.sum(do * o, 1) + lam * e2, mask=row_ok)
     tl.store(E2 + lse_off, e2, mask=row_ok)
 
 

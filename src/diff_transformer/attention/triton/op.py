@@ -40,7 +40,7 @@ class FwdConfig:
 class BwdConfig:
     """Launch shapes of the three backward kernels."""
 
-    pre: tuple[int, int, int]  # E1/E2 kernel: (block_m, block_n, num_warps)
+    pre: tuple[int, int]  # E1/E2 kernel (row dot products): (block_m, num_warps)
     dkdv: tuple[int, int, int, int]  # dK/dV kernel: (block_m queries per step, block_n keys per program, warps, stages)
     dq: tuple[int, int, int, int]  # dQ kernel: (block_m, block_n, warps, stages); unused when atomic_dq
     atomic_dq: bool  # add dQ from the dK/dV kernel with fp32 atomics instead of a second pass over the keys
@@ -61,12 +61,12 @@ def fwd_config(d: int, dv: int, dtype: torch.dtype, device: torch.device) -> Fwd
 def bwd_config(d: int, dv: int, dtype: torch.dtype, device: torch.device) -> BwdConfig:
     """The backward's block shapes for these widths (measured on an H200, see benchmarks/NOTES.md)."""
     if device.type != "cuda":
-        return BwdConfig((16, 16, 1), (16, 16, 1, 1), (16, 16, 1, 1), atomic_dq=False)
+        return BwdConfig((16, 1), (16, 16, 1, 1), (16, 16, 1, 1), atomic_dq=False)
     if dtype == torch.float32:
-        return BwdConfig((32, 32, 4), (32, 32, 4, 1), (32, 32, 4, 1), atomic_dq=False)
+        return BwdConfig((32, 4), (32, 32, 4, 1), (32, 32, 4, 1), atomic_dq=False)
     if dv > 128:  # dK1/dK2 and the 2d-wide dV in separate launches: half the accumulators each
-        return BwdConfig((128, 64, 8), (32, 128, 8, 2), (128, 32, 8, 3), atomic_dq=False, dv_pass=(32, 64, 4, 2))
-    return BwdConfig((128, 64, 8), (32, 128, 8, 2), (128, 32, 8, 3), atomic_dq=False)
+        return BwdConfig((16, 4), (32, 128, 8, 2), (128, 32, 8, 3), atomic_dq=False, dv_pass=(32, 64, 4, 2))
+    return BwdConfig((16, 4), (32, 128, 8, 2), (128, 32, 8, 3), atomic_dq=False)
 
 
 def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -95,18 +95,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Longest key sequence at which the kernel beat every SDPA path on an H200 (forward+backward, bf16,
-# causal, 32K tokens a batch; benchmarks/NOTES.md): V1 (dv = 2d) up to 4K, V2 (dv = d) up to 2K.
+# Where the kernel beat every SDPA path on an H200 (bf16, causal; benchmarks/NOTES.md): up to this many
+# keys (forward+backward at 32K tokens a batch), and from this many queries (decoding one token at a
+# time with the KV cache went faster through SDPA).
 AUTO_MAX_KEYS = {"v1": 4096, "v2": 2048}
+AUTO_MIN_QUERIES = 16
 
 
 def supports(q1: Tensor, k1: Tensor, k2: Tensor, v: Tensor) -> bool:
     """Whether ``auto`` should take this backend: CUDA half-precision inputs the kernel covers, at
-    lengths where it was measured faster than SDPA (``AUTO_MAX_KEYS``)."""
+    shapes where it was measured faster than SDPA (``AUTO_MAX_KEYS``, ``AUTO_MIN_QUERIES``)."""
     if not q1.is_cuda or q1.dtype not in (torch.float16, torch.bfloat16):
         return False
     variant = "v1" if v.shape[-1] == 2 * q1.shape[-1] else "v2"
-    return unsupported_reason(q1, k1, k2, v) is None and k1.shape[-2] <= AUTO_MAX_KEYS[variant]
+    return (unsupported_reason(q1, k1, k2, v) is None and k1.shape[-2] <= AUTO_MAX_KEYS[variant]
+            and q1.shape[-2] >= AUTO_MIN_QUERIES)
 
 
 def _check(q1: Tensor, k1: Tensor, k2: Tensor | None, v: Tensor, causal: bool) -> None:
@@ -153,8 +156,12 @@ class _on_device:
 
 
 # Launchers -------------------------------------------------------------------------------------
-def forward(q1, q2, k1, k2, v, lam, *, causal: bool, scale: float, config: FwdConfig | None = None):
-    """(O (B, H, N, dv) in v's dtype, LSE1, LSE2 (B, H, N) fp32 base-2). ``k2=None``: k2 is k1."""
+def forward(q1, q2, k1, k2, v, lam, *, causal: bool, scale: float, save_o2: bool = True,
+            config: FwdConfig | None = None):
+    """(O (B, H, N, dv) in v's dtype, LSE1, LSE2 (B, H, N) fp32 base-2, O2 = P2 V like O or None).
+
+    ``k2=None``: k2 is k1. ``save_o2``: also write branch 2's output, which the backward needs.
+    """
     _check(q1, k1, k2, v, causal)
     q1, q2, k1, v = _rows(q1), _rows(q2), _rows(k1), _rows(v)
     shared = k2 is None
@@ -166,29 +173,33 @@ def forward(q1, q2, k1, k2, v, lam, *, causal: bool, scale: float, config: FwdCo
     if dv % block_dv:
         raise ValueError(f"block_dv={block_dv} must divide the value width {dv}")
     o = new_buffer((b, h, n, dv), v.dtype, q1.device)
+    o2 = new_buffer((b, h, n, dv), v.dtype, q1.device) if save_o2 else None
     lse1 = new_buffer((b, h, n), torch.float32, q1.device)
     lse2 = new_buffer((b, h, n), torch.float32, q1.device)
     grid = (b * h, triton.cdiv(n, cfg.block_m), dv // block_dv)
     with _on_device(q1.device):
         kernels._fwd_kernel[grid](
-            q1, q2, k1, k2, v, lam, o, lse1, lse2,
+            q1, q2, k1, k2, v, lam, o, o if o2 is None else o2, lse1, lse2,
             *_strides3(q1), *_strides3(q2), *_strides3(k1), *_strides3(k2), *_strides3(v), *_strides3(o),
             *_lam_strides(lam),
             h, h // h_kv, n, m, scale * _LOG2E,
-            D=d, BLOCK_DV=block_dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            CAUSAL=causal, LAM_ROWS=lam.dim() == 3, SHARED_K=shared, DOT_DTYPE=_dot_dtype(q1.dtype, q1.device),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            D=d, BLOCK_DV=block_dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
+            LAM_ROWS=lam.dim() == 3, SHARED_K=shared, STORE_O2=o2 is not None,
+            DOT_DTYPE=_dot_dtype(q1.dtype, q1.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    return o, lse1, lse2
+    return o, lse1, lse2, o2
 
 
-def backward(do, q1, q2, k1, k2, v, lam, o, lse1, lse2, *, causal: bool, scale: float,
+def backward(do, q1, q2, k1, k2, v, lam, o, o2, lse1, lse2, *, causal: bool, scale: float,
              config: BwdConfig | None = None) -> list[Tensor]:
-    """[dq1, dq2, dk1, dk2, dv, dlam], without dk2 when ``k2 is None`` (dk1 is then k1's whole gradient).
+    """[dq1, dq2, dk1, dk2, dv, dlam] from ``forward``'s outputs (O2 saved), without dk2 when ``k2 is None``
+    (dk1 is then k1's whole gradient).
 
     dlam has lam's shape: 0-d (summed on the device, no host sync) or (B, H, N).
     """
-    q1, q2, k1, v, do, o = _rows(q1), _rows(q2), _rows(k1), _rows(v), _rows(do), _rows(o)
+    q1, q2, k1, v, do = _rows(q1), _rows(q2), _rows(k1), _rows(v), _rows(do)
+    if o.stride() != o2.stride():
+        raise ValueError("O and O2 must share strides (both come from forward)")
     shared = k2 is None
     k2 = k1 if shared else _rows(k2)
     b, h, n, d = q1.shape
@@ -210,13 +221,10 @@ def backward(do, q1, q2, k1, k2, v, lam, o, lse1, lse2, *, causal: bool, scale: 
     common = (*_strides3(q1), *_strides3(q2), *_strides3(k1), *_strides3(k2), *_strides3(v), *_strides3(do),
               *_lam_strides(lam), h, h // h_kv, n, m, qk_scale, scale)
     with _on_device(dev):
-        pm, pn, pw = cfg.pre
+        pm, pw = cfg.pre
         kernels._bwd_pre_kernel[(b * h, triton.cdiv(n, pm))](
-            q2, k2, v, lam, o, do, lse2, e1, e2,
-            *_strides3(q2), *_strides3(k2), *_strides3(v), *_strides3(o), *_strides3(do), *_lam_strides(lam),
-            h, h // h_kv, n, m, qk_scale,
-            D=d, DV=dv, BLOCK_M=pm, BLOCK_N=pn, CAUSAL=causal, LAM_ROWS=lam_rows, DOT_DTYPE=dot_dtype,
-            num_warps=pw, num_stages=1,
+            o, o2, do, lam, e1, e2, *_strides3(o), *_strides3(do), *_lam_strides(lam), h, n,
+            DV=dv, BLOCK_M=pm, LAM_ROWS=lam_rows, num_warps=pw, num_stages=1,
         )
         if cfg.dv_pass is None:
             passes = [(cfg.dkdv, True, True)]
@@ -246,31 +254,33 @@ def backward(do, q1, q2, k1, k2, v, lam, o, lse1, lse2, *, causal: bool, scale: 
 # torch.library ops -----------------------------------------------------------------------------
 @torch.library.custom_op(
     "diff_transformer::diff_attn_fwd", mutates_args=(),
-    schema="(Tensor q1, Tensor q2, Tensor k1, Tensor? k2, Tensor v, Tensor lam, bool causal, float scale)"
-           " -> (Tensor, Tensor, Tensor)",
+    schema="(Tensor q1, Tensor q2, Tensor k1, Tensor? k2, Tensor v, Tensor lam, bool causal, float scale,"
+           " bool save_o2) -> (Tensor, Tensor, Tensor, Tensor)",
 )
-def _fwd_op(q1, q2, k1, k2, v, lam, causal, scale):
-    return forward(q1, q2, k1, k2, v, lam, causal=causal, scale=scale)
+def _fwd_op(q1, q2, k1, k2, v, lam, causal, scale, save_o2):
+    o, lse1, lse2, o2 = forward(q1, q2, k1, k2, v, lam, causal=causal, scale=scale, save_o2=save_o2)
+    return o, lse1, lse2, o.new_empty(0) if o2 is None else o2  # (0,) when no backward will follow
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q1, q2, k1, k2, v, lam, causal, scale):
+def _fwd_fake(q1, q2, k1, k2, v, lam, causal, scale, save_o2):
     b, h, n, _ = q1.shape
-    return (q1.new_empty((b, h, n, v.shape[-1]), dtype=v.dtype),
-            q1.new_empty((b, h, n), dtype=torch.float32), q1.new_empty((b, h, n), dtype=torch.float32))
+    o = q1.new_empty((b, h, n, v.shape[-1]), dtype=v.dtype)
+    return (o, q1.new_empty((b, h, n), dtype=torch.float32), q1.new_empty((b, h, n), dtype=torch.float32),
+            torch.empty_like(o) if save_o2 else o.new_empty(0))
 
 
 @torch.library.custom_op(
     "diff_transformer::diff_attn_bwd", mutates_args=(),
     schema="(Tensor do, Tensor q1, Tensor q2, Tensor k1, Tensor? k2, Tensor v, Tensor lam, Tensor o,"
-           " Tensor lse1, Tensor lse2, bool causal, float scale) -> Tensor[]",
+           " Tensor o2, Tensor lse1, Tensor lse2, bool causal, float scale) -> Tensor[]",
 )
-def _bwd_op(do, q1, q2, k1, k2, v, lam, o, lse1, lse2, causal, scale):
-    return backward(do, q1, q2, k1, k2, v, lam, o, lse1, lse2, causal=causal, scale=scale)
+def _bwd_op(do, q1, q2, k1, k2, v, lam, o, o2, lse1, lse2, causal, scale):
+    return backward(do, q1, q2, k1, k2, v, lam, o, o2, lse1, lse2, causal=causal, scale=scale)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(do, q1, q2, k1, k2, v, lam, o, lse1, lse2, causal, scale):
+def _bwd_fake(do, q1, q2, k1, k2, v, lam, o, o2, lse1, lse2, causal, scale):
     grads = [torch.empty_like(q1, memory_format=torch.contiguous_format),
              torch.empty_like(q2, memory_format=torch.contiguous_format),
              torch.empty_like(k1, memory_format=torch.contiguous_format)]
@@ -280,21 +290,24 @@ def _bwd_fake(do, q1, q2, k1, k2, v, lam, o, lse1, lse2, causal, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    q1, q2, k1, k2, v, lam, causal, scale = inputs
-    o, lse1, lse2 = output
-    ctx.save_for_backward(q1, q2, k1, k2, v, lam, o, lse1, lse2)
-    ctx.causal, ctx.scale, ctx.shared = causal, scale, k2 is None
+    q1, q2, k1, k2, v, lam, causal, scale, save_o2 = inputs
+    o, lse1, lse2, o2 = output
+    ctx.save_for_backward(q1, q2, k1, k2, v, lam, o, o2, lse1, lse2)
+    ctx.causal, ctx.scale, ctx.shared, ctx.save_o2 = causal, scale, k2 is None, save_o2
 
 
-def _backward(ctx, do, _dlse1, _dlse2):
-    q1, q2, k1, k2, v, lam, o, lse1, lse2 = ctx.saved_tensors
-    grads = _bwd_op(do, q1, q2, k1, k2, v, lam, o, lse1, lse2, ctx.causal, ctx.scale)
+def _backward(ctx, do, _dlse1, _dlse2, _do2):
+    if not ctx.save_o2:
+        raise RuntimeError("differential attention ran without O2 (no input needed a gradient then); "
+                           "run the forward with gradients enabled to call backward")
+    q1, q2, k1, k2, v, lam, o, o2, lse1, lse2 = ctx.saved_tensors
+    grads = _bwd_op(do, q1, q2, k1, k2, v, lam, o, o2, lse1, lse2, ctx.causal, ctx.scale)
     if ctx.shared:
         dq1, dq2, dk1, dv, dlam = grads
         dk2 = None
     else:
         dq1, dq2, dk1, dk2, dv, dlam = grads
-    return dq1, dq2, dk1, dk2, dv, dlam, None, None
+    return dq1, dq2, dk1, dk2, dv, dlam, None, None, None
 
 
 torch.library.register_autograd("diff_transformer::diff_attn_fwd", _backward, setup_context=_setup_context)
@@ -308,4 +321,6 @@ def differential_attention(q1, q2, k1, k2, v, lam, *, causal: bool = True, scale
     scale = 1.0 / math.sqrt(q1.shape[-1]) if scale is None else float(scale)
     shared = k1 is k2
     _check(q1, k1, None if shared else k2, v, causal)
-    return torch.ops.diff_transformer.diff_attn_fwd(q1, q2, k1, None if shared else k2, v, lam, causal, scale)[0]
+    save_o2 = torch.is_grad_enabled() and any(t.requires_grad for t in (q1, q2, k1, k2, v, lam))
+    return torch.ops.diff_transformer.diff_attn_fwd(q1, q2, k1, None if shared else k2, v, lam, causal, scale,
+                                                    save_o2)[0]
