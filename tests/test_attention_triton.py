@@ -131,7 +131,8 @@ CASES = [
 def test_kernel_matches_reference(h, h_kv, n, m, d, variant, causal):
     dtype = torch.bfloat16 if (n + h_kv) % 2 else torch.float16  # both half types across the cases
     dv = 2 * d if variant == "v1" else d
-    inputs = make_inputs(2, h, h_kv, n, m, d, dv, dtype, v2=variant == "v2", seed=n + m + h_kv)
+    batch = 1 if n > 64 else 2  # the interpreter's time grows with the grid
+    inputs = make_inputs(batch, h, h_kv, n, m, d, dv, dtype, v2=variant == "v2", seed=n + m + h_kv)
     check_against_reference(inputs, causal, dtype)
 
 

@@ -15,10 +15,10 @@ Backward, with G = dO Vᵀ (shared by both branches, since dP1 = G and dP2 = −
     dV  = (P1 − λ P2)ᵀ dO                dK1 = s dS1ᵀ Q1 ...      dλ = −E2 (summed for V1)
 
 The forward also stores O2 = P2 V when a backward will follow, so ``_bwd_pre_kernel`` gets E1, E2
-from rows of dO, O and O2 (no second pass over the keys);
-``_bwd_dkdv_kernel`` walks query blocks for one key block (all query heads of its GQA group, so dK
-and dV need no atomics) and, with ``ATOMIC_DQ``, adds dQ into fp32 buffers; otherwise
-``_bwd_dq_kernel`` walks key blocks for one query block.
+from rows of dO, O and O2 (no second pass over the keys). ``_bwd_dkdv_kernel`` walks query blocks
+for one key block (all query heads of its GQA group, so dK and dV need no atomics), in one launch or
+two (dK, then dV), and with ``ATOMIC_DQ`` adds dQ into fp32 buffers; otherwise ``_bwd_dq_kernel``
+walks key blocks for one query block.
 
 Limits: head dims are powers of two (the host wrapper checks); causal attention needs N ≤ M (the N
 queries are the last N of the M positions). ``DOT_DTYPE`` is the operand type of the matrix products:
