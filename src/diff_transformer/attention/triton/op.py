@@ -6,7 +6,7 @@ Layers (as in Triton's fused-attention tutorial): kernels.py holds the ``@triton
 and autograd, so ``torch.compile`` traces through without graph breaks; ``differential_attention``
 is the function the public op calls.
 
-Limits: q/k head dim d a power of two in [16, 256]; value width d or 2d; fp16, bf16, or fp32 (fp32
+Limits: q/k head dim d a power of two in [16, 128]; value width d or 2d; fp16, bf16, or fp32 (fp32
 products run as TF32 on GPUs); causal needs N ≤ M. Anything else raises ValueError; ``supports``
 tells the ``auto`` backend whether to choose this one (only where it measured faster than SDPA).
 
@@ -85,8 +85,8 @@ def unsupported_reason(q1: Tensor, k1: Tensor, k2: Tensor | None, v: Tensor) -> 
     d, dv = q1.shape[-1], v.shape[-1]
     if q1.dtype not in _TL_DTYPES:
         return f"dtype {q1.dtype} (the kernel takes float16, bfloat16 or float32)"
-    if d < 16 or d > 256 or d & (d - 1):
-        return f"q/k head dim {d} (the kernel takes a power of two in [16, 256])"
+    if d < 16 or d > 128 or d & (d - 1):
+        return f"q/k head dim {d} (the kernel takes a power of two in [16, 128])"
     if dv not in (d, 2 * d):
         return f"value width {dv} (the kernel takes d={d} or 2d={2 * d})"
     if q1.device.type != "cuda" and not _interpreting():
