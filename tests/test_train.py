@@ -20,7 +20,7 @@ from diff_transformer.data import DataConfig
 from diff_transformer.errors import UserError
 from diff_transformer.train import checkpoint as ckpt
 from diff_transformer.train import rundir
-from diff_transformer.train.compare import compare
+from diff_transformer.train.compare import compare, matched_models
 from diff_transformer.train.config import RunConfig, TrainConfig, apply_overrides
 from diff_transformer.train.optim import build_optimizer, lr_at, no_decay
 from diff_transformer.train.trainer import Preempted, Trainer, TrainingDiverged, run_training
@@ -336,3 +336,12 @@ def test_compare_matched_pair_same_data_and_init(tmp_path, corpus, cache, capsys
     assert "layers.0.self_attn.q_proj.weight" in shared and all(torch.equal(wd[k], wb[k]) for k in shared)
     with pytest.raises(UserError, match="holds another compare"):
         compare(run, tmp_path / "cmp", seeds=[1, 3], data_cache=cache, progress=False, log=quiet)
+
+
+def test_matched_models_keep_an_explicit_head_norm_ablation():
+    diff, base = matched_models(preset("tiny", head_norm=False))
+    assert (diff.attention, diff.head_norm, base.attention, base.head_norm) == ("diff", False, "baseline", False)
+    diff, base = matched_models(preset("tiny"))
+    assert diff.head_norm is True and base.head_norm is False
+    diff, base = matched_models(preset("tiny", attention="diff_v2"))
+    assert diff.attention == "diff_v2" and base.attention == "baseline"

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..config import matched_pair, preset
+from ..config import ModelConfig, matched_pair, preset
 from ..errors import UserError
 from . import checkpoint as ckpt
 from . import rundir
@@ -48,6 +48,14 @@ def default_run(preset_name: str = "tiny") -> RunConfig:
 
     return RunConfig(model=preset(preset_name), train=TrainConfig(**DEFAULT_TRAIN),
                      data=DataConfig(**DEFAULT_DATA), preset=preset_name)
+
+
+def matched_models(model: ModelConfig) -> tuple[ModelConfig, ModelConfig]:
+    """``matched_pair``, keeping an explicit per-head-norm ablation (``model.head_norm=false``) on the DIFF side."""
+    diff, base = matched_pair(model)
+    if model.attention != "baseline" and model.head_norm != diff.head_norm:
+        diff = diff.replace(head_norm=model.head_norm)
+    return diff, base
 
 
 def _check_out(out: Path, record: dict) -> None:
@@ -82,7 +90,7 @@ def compare(run: RunConfig, out, *, seeds: Sequence[int] = DEFAULT_SEEDS, data_c
     if run.model.attention == "baseline":
         raise UserError("compare needs a differential model: set model.attention=diff (or diff_v2); "
                         "the baseline is derived from it")
-    diff_model, base_model = matched_pair(run.model)
+    diff_model, base_model = matched_models(run.model)
     record = {"run": run.to_dict(), "seeds": seeds}
     _check_out(out, record)
     # Validate every derived run config up front, so bad input stops before anything is written.
