@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import torch
@@ -22,14 +21,24 @@ Backend = Literal["auto", "reference", "sdpa", "triton"]
 BACKENDS = ("auto", "reference", "sdpa", "triton")
 
 
-@functools.cache
+_TRITON_UNSET = object()
+_triton = _TRITON_UNSET  # the Triton backend module once looked up; None when unavailable
+
+
 def _triton_module():
-    """The Triton backend module, or None when Triton (or the kernel package) is unavailable."""
-    try:
-        from . import triton as triton_backend  # noqa: PLC0415 - optional dependency
-    except ImportError:
-        return None
-    return triton_backend
+    """The Triton backend module, or None when Triton (or the kernel package) is unavailable.
+
+    Imported on first use (Triton is optional and slow to import); a plain global rather than
+    functools.cache, which torch.compile would trace through with a warning.
+    """
+    global _triton
+    if _triton is _TRITON_UNSET:
+        try:
+            from . import triton as triton_backend  # noqa: PLC0415 - optional dependency
+        except ImportError:
+            triton_backend = None
+        _triton = triton_backend
+    return _triton
 
 
 def triton_available() -> bool:
