@@ -296,6 +296,11 @@ def test_output_folder_of_another_run_is_refused_untouched(tmp_path, corpus, cac
         run_training(other, tmp_path / "new", resume=str(ckpt.checkpoint_path(run_dir, 2)), data_cache=cache,
                      progress=False, log=quiet)
     assert not (tmp_path / "new").exists()
+    from diff_transformer.data import BPETokenizer, ByteTokenizer
+
+    assert ckpt.same_tokenizer(ckpt.checkpoint_path(run_dir, 2), ByteTokenizer())
+    bpe = BPETokenizer.train(["a few words of text to learn merges from"] * 20, vocab_size=300)
+    assert not ckpt.same_tokenizer(ckpt.checkpoint_path(run_dir, 2), bpe)
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert before == after
 

@@ -335,5 +335,14 @@ def load_checkpoint(path, *, verified: bool = False) -> Checkpoint:
     )
 
 
+def same_tokenizer(path, tokenizer) -> bool:
+    """Whether ``tokenizer`` saves exactly the tokenizer files stored in checkpoint ``path``."""
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(tmp)
+        return all((path / f.name).is_file() and sha256(path / f.name) == sha256(f)
+                   for f in Path(tmp).iterdir() if f.is_file())
+
+
 def is_checkpoint_dir(path) -> bool:
     return (Path(path) / MANIFEST).is_file() or (Path(path) / MARKER).is_file()

@@ -133,9 +133,9 @@ class Trainer:
         self.mode = choose(cfg.parallel, info)
         self.wrapped = parallelize(self.model, self.mode, info)
         self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
-        # Evaluation skips DDP's hooks (no gradients to synchronise).
-        self._eval_model = torch.compile(self.model) if cfg.compile and self.mode == "ddp" else (
-            self.forward if self.mode != "ddp" else self.model)
+        # Evaluation runs outside DDP (no gradients to synchronise); FSDP needs its wrapper.
+        self._eval_model = self.forward if self.mode != "ddp" else (
+            torch.compile(self.model) if cfg.compile else self.model)
         self.optimizer = build_optimizer(self.model, cfg)  # after fully_shard, over the sharded parameters
         self.batches = Batches(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed)
         self.total_steps = cfg.total_steps
@@ -275,8 +275,7 @@ class Trainer:
         then the same number on any world size, and FSDP's ranks stay in lockstep."""
         cfg = self.cfg
         micro = max(1, cfg.batch_size // (self.dist.world_size * cfg.grad_accum))
-        model = self.model if self.mode == "fsdp" else self._eval_model
-        val_loss, _ = validation_loss(model, self.dataset.val, micro, cfg.seq_len,
+        val_loss, _ = validation_loss(self._eval_model, self.dataset.val, micro, cfg.seq_len,
                                       cfg.eval_batches * cfg.batch_size // micro, self.device, self.amp)
         return {"kind": "eval", "step": self.step, "val_loss": val_loss,
                 "val_ppl": math.exp(min(val_loss, 700.0)), "lambdas": self.lambdas()}
@@ -423,6 +422,9 @@ def run_training(run: RunConfig, run_dir, *, resume: str | Path | None = "auto",
         trainer = Trainer(run, dataset, run_dir, dist=info, progress=progress, log=log if info.is_main else quiet)
         if checkpoint is not None:
             trainer.load_weights(checkpoint)  # refuses another model config before anything is written
+            if not ckpt.same_tokenizer(checkpoint.path, dataset.tokenizer):
+                raise ckpt.CheckpointError(f"checkpoint {checkpoint.path} was trained with another tokenizer than "
+                                           "this run's data makes: resume with the data settings it was trained with")
         barrier(info)
         if info.is_main:
             rundir.write_run_files(run_dir, run, dataset.tokenizer)
