@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
@@ -46,8 +47,11 @@ def load_config(directory) -> ModelConfig:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: point at a folder written by save_pretrained")
-    data = json.loads(path.read_text())
-    if data.pop("format", None) != FORMAT:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the folder is damaged; save the model again") from None
+    if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} config (a Hugging Face folder? use `diff-transformer import`)")
     return ModelConfig.from_dict(data)
 
@@ -58,7 +62,8 @@ def load_state(model, state: dict[str, torch.Tensor], source: str = "state") -> 
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
+    kinds = sorted(k for k in set(expected) & set(state) if expected[k].is_floating_point() != state[k].is_floating_point())
+    if missing or unexpected or wrong or kinds:
         details = []
         if missing:
             details.append(f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}")
@@ -67,6 +72,9 @@ def load_state(model, state: dict[str, torch.Tensor], source: str = "state") -> 
         if wrong:
             k = wrong[0]
             details.append(f"shape of {k}: {tuple(state[k].shape)} in {source}, {tuple(expected[k].shape)} in the model")
+        if kinds:
+            k = kinds[0]
+            details.append(f"dtype of {k}: {state[k].dtype} in {source}, {expected[k].dtype} in the model")
         raise ValueError(f"{source} does not match the model config ({'; '.join(details)})")
     model.load_state_dict(state, strict=not model.config.tie_embeddings)
 
@@ -84,5 +92,10 @@ def from_pretrained(directory, *, device="cpu"):
     model = model.to_empty(device=device)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    load_state(model, load_file(str(weights), device=str(device)), source=str(weights))
+    try:
+        state = load_file(str(weights), device=str(device))
+    except SafetensorError as e:
+        raise ValueError(f"{weights} is not a safetensors file ({e}): weights are read from safetensors only, "
+                         "never unpickled") from None
+    load_state(model, state, source=str(weights))
     return model

@@ -173,7 +173,13 @@ def write_checkpoint(
     path = Path(path)
     if path.exists():
         if (path / MARKER).exists():
-            raise FileExistsError(f"{path} is already a complete checkpoint")
+            try:
+                verify(path)
+            except CheckpointError:  # a corrupt one that resume skipped: this save replaces it
+                (path / MARKER).unlink()
+                fsync_dir(path)
+            else:
+                raise FileExistsError(f"{path} is already a complete checkpoint")
         shutil.rmtree(path)  # an interrupted earlier save of this step
     path.mkdir(parents=True)
     names: list[str] = []

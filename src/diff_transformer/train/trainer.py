@@ -378,7 +378,10 @@ class Trainer:
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss:.3f}", val=f"{self.metrics[-1]['val_loss']:.3f}",
                                         tok_s=f"{tok_s:,.0f}")
-                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == self.total_steps:
+                # No periodic save inside a non-finite streak: a rollback must land before the streak, or
+                # one that outlasts the rollback would roll back to ever newer checkpoints and never stop.
+                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not self.consecutive_bad) or (
+                        self.step == self.total_steps):
                     self.save()
                 if self._stop_agreed():
                     path = self.save()
