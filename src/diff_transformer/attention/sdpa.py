@@ -11,7 +11,8 @@ choice (the result is the same):
   flash kernels need equal widths; on an H200 this was the fastest DIFF V1 path at N >= 4K
   (see benchmarks/NOTES.md).
 
-``"auto"`` takes ``stacked`` where legal, ``four`` on CUDA when dv = 2d, else ``two``.
+``"auto"`` takes ``stacked`` where legal, ``four`` on CUDA when dv = 2d and a backward follows,
+else ``two``.
 """
 
 from __future__ import annotations
@@ -60,10 +61,16 @@ def _combine(o1: Tensor, o2: Tensor, lam: Tensor) -> Tensor:
 
 
 def choose_pattern(q1: Tensor, k1: Tensor, k2: Tensor, v: Tensor) -> Pattern:
+    """The fastest legal pattern, from the H200 measurements in benchmarks/results/attention-h200.json.
+
+    dv = 2d on CUDA: four calls when a backward follows (10.3 vs 10.6 ms at 4K, 30.5 vs 34.9 at 16K),
+    two calls for inference (1.74 vs 2.04 ms forward at 2K, 7.42 vs 8.66 at 16K).
+    """
     d, dv = q1.shape[-1], v.shape[-1]
     if k1 is k2 and dv == d:
         return "stacked"
-    if q1.is_cuda and dv == 2 * d:
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q1, k1, k2, v))
+    if q1.is_cuda and dv == 2 * d and needs_grad:
         return "four"
     return "two"
 
