@@ -31,7 +31,6 @@ from diff_transformer.errors import UserError
 from diff_transformer.train import checkpoint as ckpt
 from diff_transformer.train import rundir
 from diff_transformer.train import trainer as trainer_mod
-from diff_transformer.train.config import apply_overrides
 from diff_transformer.train.parallelize import DistInfo
 from diff_transformer.train.trainer import Trainer
 
@@ -230,7 +229,7 @@ def test_distributed_save_only_rank0_writes_and_commits_after_a_barrier(env, tmp
     from diff_transformer.data import prepare_dataset
     from diff_transformer.train.config import RunConfig
 
-    run = apply_overrides(RunConfig.from_json(env["ref"] / "run.json"), [])
+    run = RunConfig.from_json(env["ref"] / "run.json")
     dataset = prepare_dataset(run.data, env["cache"])
     trainer = Trainer(run, dataset, tmp_path / "run", progress=False, log=lambda m: None)
     (tmp_path / "run").mkdir()
