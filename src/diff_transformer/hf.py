@@ -415,16 +415,24 @@ def export_hf(model: DiffTransformerLM, tokenizer: str | os.PathLike | None, out
 
 
 def _load_safetensors(src: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    def read(path: Path) -> dict[str, Tensor]:
+        try:
+            return load_file(str(path))
+        except SafetensorError as e:
+            raise UserError(f"{path} is not a valid safetensors file ({e}); weights are read from safetensors "
+                            "only, never unpickled: re-export the model with save_pretrained") from None
 
     single, index = src / "model.safetensors", src / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(str(single))
+        return read(single)
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         state: dict[str, Tensor] = {}
         for shard in shards:
-            state.update(load_file(str(src / shard)))
+            state.update(read(src / shard))
         return state
     if any((src / n).exists() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         raise UserError(
