@@ -38,11 +38,19 @@ def resolve_model_dir(path) -> Path:
                     "(it has no checkpoints/, manifest.json or config.json)")
 
 
+def tokenizer_dir(model_dir: Path) -> Path:
+    """Where the tokenizer of ``model_dir`` lives: beside the weights, or the run's ``tokenizer/``."""
+    from .data.tokenizer import META_FILE
+
+    if not (model_dir / META_FILE).is_file() and (model_dir.parent.parent / "tokenizer").is_dir():
+        return model_dir.parent.parent / "tokenizer"  # a checkpoint without its own tokenizer copy
+    return model_dir
+
+
 def load(path, device: str | torch.device = "cpu"):
     """``(model, tokenizer)`` from a run directory, checkpoint or model folder; the model in eval mode."""
     from . import serialization
     from .data import load_tokenizer
-    from .data.tokenizer import META_FILE
 
     from safetensors import SafetensorError
 
@@ -51,9 +59,7 @@ def load(path, device: str | torch.device = "cpu"):
         model = serialization.from_pretrained(model_dir, device=device)
     except (FileNotFoundError, ValueError, SafetensorError) as e:
         raise UserError(f"cannot load the model in {model_dir}: {e}") from None
-    tok_dir = model_dir
-    if not (tok_dir / META_FILE).is_file() and (model_dir.parent.parent / "tokenizer").is_dir():
-        tok_dir = model_dir.parent.parent / "tokenizer"  # a checkpoint without its own tokenizer copy
+    tok_dir = tokenizer_dir(model_dir)
     tokenizer = load_tokenizer(tok_dir)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise UserError(f"the tokenizer in {tok_dir} has {tokenizer.vocab_size} tokens but the model's vocab_size is "

@@ -65,6 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a trained model as a Hugging Face transformers folder")
+    p.add_argument("run_dir", type=Path, help="run directory, checkpoint folder or model folder")
+    p.add_argument("--format", choices=["hf"], default="hf",
+                   help="hf: DiffLlamaForCausalLM (DIFF V1) or LlamaForCausalLM (baseline), exact")
+    p.add_argument("--out", type=Path, required=True, help="new folder (must not exist, or be empty)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="read a transformers DiffLlama or Llama folder into a model folder")
+    p.add_argument("src", type=Path, help="transformers folder (config.json + safetensors weights)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="new model folder (must not exist, or be empty): use it with generate, "
+                        "diff_transformer.load or DiffTransformerLM.from_pretrained")
+    p.set_defaults(func=cmd_import)
     return parser
 
 
@@ -165,6 +179,55 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
             shown = text
     sys.stdout.write(tokenizer.decode(new)[len(shown):] + "\n")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .api import load, resolve_model_dir, tokenizer_dir
+    from .hf import export_hf
+
+    model, _ = load(args.run_dir)
+    result = export_hf(model, tokenizer_dir(resolve_model_dir(args.run_dir)), args.out)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"exported {result.architecture} to {result.out_dir} ({', '.join(result.files)})")
+    return 0
+
+
+def cmd_import(args) -> int:
+    import shutil
+    import tempfile
+
+    from .data.tokenizer import BPETokenizer
+    from .hf import import_hf
+
+    out = args.out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not an empty folder: choose a new --out folder")
+    model, tokenizer_json = import_hf(args.src)
+    tokenizer, note = None, f"{args.src} has no tokenizer.json; {out} holds the model only"
+    if tokenizer_json is not None:
+        import tokenizers
+
+        try:
+            tokenizer, note = BPETokenizer(tokenizers.Tokenizer.from_file(str(tokenizer_json))), None
+        except UserError as e:
+            note = f"the tokenizer was not imported ({e}); {out} holds the model only"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # renamed into place when whole
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"imported {model.config.attention} model ({model.num_parameters():,} parameters) to {out}")
     return 0
 
 
