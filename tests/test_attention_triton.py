@@ -196,7 +196,8 @@ def test_extreme_logits_stay_finite(variant):
     grads = torch.autograd.grad(out, unique(inputs), torch.ones_like(out))
     assert all(torch.isfinite(t).all() for t in (out, *grads))
     ref = differential_attention(*inputs, causal=True, backend="reference")
-    assert rel_err(out, ref) < 1e-3
+    # On a GPU fp32 products run as tf32 (10-bit mantissa): on scores of 1e4 that is ~4e-3 (measured on an H200).
+    assert rel_err(out, ref) < (1e-2 if DEVICE.type == "cuda" else 1e-3)
 
 
 def test_lambda_gradient_stays_on_device():
@@ -204,7 +205,7 @@ def test_lambda_gradient_stays_on_device():
     inputs = make_inputs(1, 2, 2, 17, 17, 16, 32, torch.float16)
     out = differential_attention(*inputs, causal=True, backend="triton")
     (dlam,) = torch.autograd.grad(out.float().sum(), [inputs[5]])
-    assert dlam.dim() == 0 and dlam.device == DEVICE and dlam.dtype == torch.float32
+    assert dlam.dim() == 0 and dlam.device.type == DEVICE.type and dlam.dtype == torch.float32
 
 
 def test_custom_op_registration():
@@ -253,7 +254,8 @@ def test_model_with_triton_backend(attention):
         logits.float().square().mean().backward()
         results.append((logits.detach(), model.layers[0].self_attn.q_proj.weight.grad))
     (lt, gt), (lr, gr) = results
-    assert rel_err(lt, lr) < 1e-4 and rel_err(gt, gr) < 1e-4
+    tol = 1e-3 if DEVICE.type == "cuda" else 1e-4  # tf32 products on a GPU (2.3e-4 and 2.7e-4 seen on an H200)
+    assert rel_err(lt, lr) < tol and rel_err(gt, gr) < tol
 
 
 def test_unsupported_inputs_name_the_fix():
