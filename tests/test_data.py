@@ -345,7 +345,7 @@ def test_bad_sources_raise_user_error_and_write_nothing(tmp_path, name, content,
 
 
 def test_manifest_describes_the_shards(tmp_path):
-    from diff_transformer.data.tokenizer import sha256_file
+    from diff_transformer.fileio import sha256_file
 
     folder = write_folder(tmp_path / "corpus", make_docs(30))
     ds = prepare_dataset(DataConfig(source=str(folder), tokenizer="bpe", vocab_size=350), tmp_path / "cache")
@@ -414,7 +414,7 @@ def test_changed_shard_is_detected(tmp_path):
     data = bytearray(shard.read_bytes())
     data[10] ^= 1
     shard.write_bytes(bytes(data))
-    from diff_transformer.data.tokenizer import sha256_file
+    from diff_transformer.fileio import sha256_file
 
     got = sha256_file(shard)
     with pytest.raises(UserError, match=rf"val\.bin has sha256 {got} but its manifest says {want}"):

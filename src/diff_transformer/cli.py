@@ -195,15 +195,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
-    import shutil
-    import tempfile
-
     from .data.tokenizer import BPETokenizer
+    from .fileio import require_new_folder, staged_folder
     from .hf import import_hf
 
     out = args.out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not an empty folder: choose a new --out folder")
+    require_new_folder(out)
     model, tokenizer_json = import_hf(args.src)
     tokenizer, note = None, f"{args.src} has no tokenizer.json; {out} holds the model only"
     if tokenizer_json is not None:
@@ -213,18 +210,10 @@ def cmd_import(args) -> int:
             tokenizer, note = BPETokenizer(tokenizers.Tokenizer.from_file(str(tokenizer_json))), None
         except UserError as e:
             note = f"the tokenizer was not imported ({e}); {out} holds the model only"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # renamed into place when whole
-    try:
+    with staged_folder(out) as tmp:  # renamed into place when whole
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if note:
         print(f"note: {note}", file=sys.stderr)
     print(f"imported {model.config.attention} model ({model.num_parameters():,} parameters) to {out}")

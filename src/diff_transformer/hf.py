@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,6 +35,7 @@ from torch import Tensor
 
 from .config import ModelConfig, lambda_init_schedule
 from .errors import UserError
+from .fileio import require_new_folder, staged_folder
 from .model import DiffTransformerLM
 from .serialization import load_state
 
@@ -389,27 +389,18 @@ def export_hf(model: DiffTransformerLM, tokenizer: str | os.PathLike | None, out
     then renamed), so nothing is overwritten and a failed export leaves nothing behind.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"{out_dir} already exists and is not an empty folder: choose a new --out folder")
+    require_new_folder(out_dir)
     check_exportable(model.config)
     tok = _tokenizer_export(tokenizer, model.config)
     hf_model = to_transformers(model, eos_token_id=tok.eos_token_id)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as tmp:
         hf_model.save_pretrained(tmp)  # config.json, model.safetensors (tied head stored once), generation_config.json
         _add_legacy_rope_theta(tmp / "config.json")
         if tok.tokenizer_json is not None:
             shutil.copyfile(tok.tokenizer_json, tmp / "tokenizer.json")
             tok_config = json.dumps(tok.tokenizer_config, indent=2, sort_keys=True) + "\n"
             (tmp / "tokenizer_config.json").write_text(tok_config)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     files = sorted(p.name for p in out_dir.iterdir())
     return HFExport(out_dir, ARCHITECTURES[model.config.attention], files, tok.notes)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import UserError
-from .tokenizer import sha256_file
+from ..fileio import sha256_file
 
 CorpusKind = Literal["builtin", "text", "folder", "jsonl", "parquet"]
 TEXT_SUFFIXES = (".txt", ".md")

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..fileio import sha256_file
 from .config import TIKTOKEN_PREFIX, DataConfig
 from .corpora import Corpus, open_corpus
 from .tokenizer import (
@@ -46,7 +47,6 @@ from .tokenizer import (
     Tokenizer,
     load_tokenizer,
     pieces,
-    sha256_file,
 )
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,6 @@ A tokenizer saves itself into a folder (the dataset cache or a model folder) as
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import uuid
@@ -268,14 +267,6 @@ def pieces(text: str, max_chars: int = 1 << 20) -> Iterator[str]:
         yield text[start:cut]
         start = cut
     yield text[start:]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _word_boundary_near(text: str, target: int, start: int) -> int | None:

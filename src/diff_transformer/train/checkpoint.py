@@ -18,7 +18,6 @@ a barrier (see the trainer).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -36,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelConfig
+from ..fileio import sha256_file
 from ..errors import UserError
 from ..serialization import CONFIG_NAME, FORMAT, WEIGHTS_NAME
 
@@ -100,12 +100,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256 = sha256_file  # the manifest's hash of one file
 
 
 # State <-> files ----------------------------------------------------------------------------------
