@@ -99,3 +99,29 @@ def test_export_refuses_what_transformers_cannot_represent(tmp_path, capsys):
     assert main(["export", str(folder), "--out", str(tmp_path / "out")]) == 2
     assert "V2" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+FINE_TUNE = ["batch_size=4", "seq_len=32", "steps=2", "eval_every=2", "eval_batches=1", "ckpt_every=2", "warmup_steps=1"]
+
+
+def test_fine_tune_an_imported_model(run, capsys):
+    """`train --init-from` starts from the imported weights: its step-0 validation loss is the source run's
+    final one (same tokenizer, same held-out documents, same evaluation batches)."""
+    from diff_transformer.train import rundir
+
+    root, out, _ = run
+    export, imported, tuned = root / "hf3", root / "imported3", root / "tuned"
+    assert main(["export", str(out), "--out", str(export)]) == 0
+    assert main(["import", str(export), "--out", str(imported)]) == 0
+    args = ["train", "--init-from", str(imported), "--no-progress", "--data-cache", str(root / "cache"),
+            "--set", f"data.source={root / 'corpus'}", *FINE_TUNE, "--out", str(tuned)]
+    assert main(args) == 0
+    source_final = [m for m in rundir.read_metrics(out) if m["kind"] == "eval"][-1]
+    tuned_evals = [m for m in rundir.read_metrics(tuned) if m["kind"] == "eval"]
+    assert tuned_evals[0]["step"] == 0 and source_final["step"] == 3
+    assert abs(tuned_evals[0]["val_loss"] - source_final["val_loss"]) < 1e-4
+    assert tuned_evals[-1]["step"] == 2
+    before = tree_hash(root)
+    capsys.readouterr()
+    assert main([*args[:-2], "--set", "model.n_layers=1", "--out", str(root / "tuned-bad")]) == 2
+    assert "another config" in capsys.readouterr().err and tree_hash(root) == before

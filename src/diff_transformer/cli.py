@@ -18,7 +18,7 @@ from .errors import UserError
 EXIT_INTERRUPTED = 130
 
 
-def _add_config_args(p: argparse.ArgumentParser, preset_help: str) -> None:
+def _add_config_args(p: argparse.ArgumentParser, preset_help: str) -> argparse._MutuallyExclusiveGroup:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", help=preset_help)
     src.add_argument("--config", type=Path, help="a run config JSON file (as written to RUN_DIR/run.json)")
@@ -28,6 +28,7 @@ def _add_config_args(p: argparse.ArgumentParser, preset_help: str) -> None:
     p.add_argument("--data-cache", type=Path, default=None,
                    help="token shard cache (default $DIFF_TRANSFORMER_CACHE or ~/.cache/diff-transformer)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return src
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train one model into a run directory (resumes a stopped run)")
-    _add_config_args(p, "model preset (tiny, small, base, paper-*); with train/data defaults")
+    source = _add_config_args(p, "model preset (tiny, small, base, paper-*); with train/data defaults")
+    source.add_argument("--init-from", type=Path, metavar="MODEL_DIR",
+                        help="fine-tune: start from a model folder's weights, config and tokenizer "
+                             "(e.g. from `diff-transformer import`); set the data with --set data.source=...")
     p.add_argument("--out", type=Path, required=True, help="run directory (new, empty, or this same run to resume)")
     p.add_argument("--resume", nargs="?", const="require", default="auto", metavar="PATH",
                    help="resume: without PATH the run in --out (it must have a checkpoint); with PATH that "
@@ -102,12 +106,26 @@ def _train_defaults(name: str):
     return RunConfig(model=preset(name), train=TrainConfig(), data=DataConfig(), preset=name)
 
 
+def _fine_tune_defaults(folder: Path):
+    """A run that starts from ``folder``'s model: its config, its weights (train.init_from), its tokenizer."""
+    from .data import DataConfig
+    from .serialization import load_config
+    from .train.config import RunConfig, TrainConfig
+
+    try:
+        model = load_config(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"--init-from {folder}: {e}") from None
+    return RunConfig(model=model, train=TrainConfig(init_from=str(folder)),
+                     data=DataConfig(tokenizer=f"saved:{folder}"), preset=None)
+
+
 def cmd_train(args) -> int:
     from .train import rundir
     from .train.config import apply_overrides
     from .train.trainer import run_training
 
-    run = _run_config(args, _train_defaults)
+    run = _fine_tune_defaults(args.init_from) if args.init_from is not None else _run_config(args, _train_defaults)
     if run is None:
         run = rundir.read_run_config(args.out) if args.out.is_dir() else None
         if run is None:

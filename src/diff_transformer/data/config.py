@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ..errors import UserError
 
 TIKTOKEN_PREFIX = "tiktoken:"
+SAVED_PREFIX = "saved:"  # a tokenizer saved by Tokenizer.save (a model folder, a run's tokenizer/)
 MIN_BPE_VOCAB = 257  # the 256 byte symbols of byte-level BPE plus the EOS token
 
 
@@ -16,7 +17,7 @@ class DataConfig:
 
     source: str = "sotu"  # built-in corpus name ("sotu"), a .txt/.md file, a folder of text files, .jsonl or .parquet
     text_field: str = "text"  # field holding the text in JSONL rows and Parquet columns
-    tokenizer: str = "bpe"  # "bpe" (trained locally on the train split), "byte", or "tiktoken:<path/to/file.tiktoken>"
+    tokenizer: str = "bpe"  # "bpe" (trained locally on the train split), "byte", "tiktoken:<file.tiktoken>" or "saved:<folder>"
     vocab_size: int = 8192  # BPE vocabulary size including EOS; ignored by "byte" and "tiktoken:"
     val_fraction: float = 0.05  # share of whole documents held out for validation
     split_seed: int = 0  # which documents are held out
@@ -24,12 +25,15 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.source:
             raise UserError("data source is empty: give 'sotu', a text file, a folder, a .jsonl or a .parquet file")
-        if self.tokenizer not in ("bpe", "byte") and not self.tokenizer.startswith(TIKTOKEN_PREFIX):
+        if self.tokenizer not in ("bpe", "byte") and not self.tokenizer.startswith((TIKTOKEN_PREFIX, SAVED_PREFIX)):
             raise UserError(
-                f"unknown tokenizer {self.tokenizer!r}: use 'bpe', 'byte' or 'tiktoken:<path/to/file.tiktoken>'"
+                f"unknown tokenizer {self.tokenizer!r}: use 'bpe', 'byte', 'tiktoken:<path/to/file.tiktoken>' "
+                "or 'saved:<folder holding a saved tokenizer>'"
             )
         if self.tokenizer == TIKTOKEN_PREFIX:
             raise UserError("tokenizer 'tiktoken:' names no file: use 'tiktoken:<path/to/file.tiktoken>'")
+        if self.tokenizer == SAVED_PREFIX:
+            raise UserError("tokenizer 'saved:' names no folder: use 'saved:<model folder or tokenizer folder>'")
         if not MIN_BPE_VOCAB <= self.vocab_size <= 2**32:
             raise UserError(
                 f"vocab_size={self.vocab_size} is out of range: byte-level BPE needs at least {MIN_BPE_VOCAB} "

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..fileio import sha256_file
-from .config import TIKTOKEN_PREFIX, DataConfig
+from .config import SAVED_PREFIX, TIKTOKEN_PREFIX, DataConfig
 from .corpora import Corpus, open_corpus
 from .tokenizer import (
     BPETokenizer,
@@ -47,6 +47,7 @@ from .tokenizer import (
     Tokenizer,
     load_tokenizer,
     pieces,
+    saved_tokenizer_files,
 )
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,11 @@ def _tokenizer_settings(cfg: DataConfig) -> tuple[dict, str]:
         return {"kind": "bpe", "vocab_size": cfg.vocab_size}, f"bpe{cfg.vocab_size}"
     if cfg.tokenizer == "byte":
         return {"kind": "byte"}, "byte"
+    if cfg.tokenizer.startswith(SAVED_PREFIX):
+        folder = Path(cfg.tokenizer.removeprefix(SAVED_PREFIX)).expanduser()
+        tokenizer = load_tokenizer(folder)  # UserError when the folder holds none
+        files = {p.name: sha256_file(p) for p in saved_tokenizer_files(folder)}
+        return {"kind": "saved", "name": tokenizer.name, "files": files}, f"saved-{tokenizer.name.replace(':', '-')}"
     path = Path(cfg.tokenizer.removeprefix(TIKTOKEN_PREFIX)).expanduser()
     if not path.is_file():
         raise UserError(f"tiktoken file {path} does not exist: give the path of a local .tiktoken rank file")
@@ -159,6 +165,8 @@ def _make_tokenizer(cfg: DataConfig, train_docs: Iterable[str], n_train: int) ->
         return tokenizer
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
+    if cfg.tokenizer.startswith(SAVED_PREFIX):
+        return load_tokenizer(Path(cfg.tokenizer.removeprefix(SAVED_PREFIX)).expanduser())
     return TiktokenTokenizer.from_file(cfg.tokenizer.removeprefix(TIKTOKEN_PREFIX))
 
 

@@ -11,6 +11,7 @@ A tokenizer saves itself into a folder (the dataset cache or a model folder) as
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import uuid
@@ -224,6 +225,15 @@ class TiktokenTokenizer:
             "eos_id": self.eos_id,
         }
         _write_meta(directory, meta)
+
+
+def saved_tokenizer_files(directory: Path) -> list[Path]:
+    """The files :meth:`Tokenizer.save` wrote into ``directory`` (the description and what it names)."""
+    meta_path = directory / META_FILE
+    files = [meta_path]
+    with contextlib.suppress(OSError, json.JSONDecodeError, KeyError, TypeError):
+        files.append(directory / json.loads(meta_path.read_text())["file"])
+    return [f for f in files if f.is_file()]
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:

@@ -52,6 +52,7 @@ class TrainConfig:
     on_bad_steps: OnBadSteps = "rollback"  # reload the last good checkpoint, or stop
     parallel: Parallel = "auto"  # under torchrun: auto = ddp; fsdp shards parameters (FSDP2)
     device: str = "auto"  # auto: cuda if available else cpu
+    init_from: str | None = None  # model folder whose weights start the run (fine-tuning); None = init from seed
 
     def __post_init__(self) -> None:
         _check_literals(self)

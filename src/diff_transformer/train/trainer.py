@@ -26,6 +26,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -37,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ..data import Batches, prepare_dataset
 from ..errors import UserError
 from ..model import DiffTransformerLM
+from ..serialization import WEIGHTS_NAME, load_config, load_state
 from . import checkpoint as ckpt
 from . import rundir
 from .config import RunConfig
@@ -91,6 +94,29 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def load_initial_weights(model: DiffTransformerLM, folder) -> None:
+    """Start ``model`` from the weights of a model folder (e.g. an imported transformers model)."""
+    folder = Path(folder)
+    try:
+        config = load_config(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"train.init_from={folder}: {e}") from None
+    ours, theirs = model.config.replace(attn_backend="auto"), config.replace(attn_backend="auto")
+    if ours != theirs:
+        diffs = [k for k, v in ours.to_dict().items() if theirs.to_dict()[k] != v]
+        raise UserError(f"train.init_from={folder} holds a model of another config (differs in {diffs}): "
+                        "leave the model.* settings alone when fine-tuning (`train --init-from` takes them from the folder)")
+    try:
+        state = load_file(str(folder / WEIGHTS_NAME))
+    except (FileNotFoundError, SafetensorError) as e:
+        raise UserError(f"train.init_from={folder}: cannot read {WEIGHTS_NAME} ({e}); weights are read from "
+                        "safetensors only") from None
+    try:
+        load_state(model, state, source=str(folder / WEIGHTS_NAME))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -129,7 +155,10 @@ class Trainer:
                             f"(train.seq_len={cfg.seq_len} + 1): lower train.seq_len or raise data.val_fraction")
         self.device = info.device
         self.amp = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
-        self.model = DiffTransformerLM(run.model, seed=cfg.seed).to(self.device)
+        self.model = DiffTransformerLM(run.model, seed=cfg.seed)
+        if cfg.init_from is not None:
+            load_initial_weights(self.model, cfg.init_from)
+        self.model = self.model.to(self.device)
         self.mode = choose(cfg.parallel, info)
         self.wrapped = parallelize(self.model, self.mode, info)
         self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
@@ -417,7 +446,9 @@ def run_training(run: RunConfig, run_dir, *, resume: str | Path | None = "auto",
     info = init_distributed(run.train.device)
     try:
         dataset = prepare_dataset(run.data, Path(data_cache) if data_cache else default_cache_dir())
-        run = run.replace(model=run.model.replace(vocab_size=dataset.vocab_size))
+        if run.train.init_from is None or run.model.vocab_size < dataset.vocab_size:
+            run = run.replace(model=run.model.replace(vocab_size=dataset.vocab_size))
+        # else a fine-tuned model keeps its (possibly padded) vocabulary; load_initial_weights checks it
         same_run = rundir.check_output_dir(run_dir, run)
         quiet = (lambda msg: None) if not info.is_main else (lambda msg: log(f"warning: {msg}"))
         start = rundir.resolve_resume(run_dir, resume, same_run, quiet)
