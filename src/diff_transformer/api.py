@@ -49,12 +49,16 @@ def tokenizer_dir(model_dir: Path) -> Path:
 
 def load(path, device: str | torch.device = "cpu"):
     """``(model, tokenizer)`` from a run directory, checkpoint or model folder; the model in eval mode."""
+    return load_model_dir(resolve_model_dir(path), device)
+
+
+def load_model_dir(model_dir: Path, device: str | torch.device = "cpu"):
+    """``(model, tokenizer)`` from a folder :func:`resolve_model_dir` returned (already verified)."""
     from . import serialization
     from .data import load_tokenizer
 
     from safetensors import SafetensorError
 
-    model_dir = resolve_model_dir(path)
     try:
         model = serialization.from_pretrained(model_dir, device=device)
     except (FileNotFoundError, ValueError, SafetensorError) as e:

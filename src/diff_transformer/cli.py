@@ -201,11 +201,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .api import load, resolve_model_dir, tokenizer_dir
+    from .api import load_model_dir, resolve_model_dir, tokenizer_dir
     from .hf import export_hf
 
-    model, _ = load(args.run_dir)
-    result = export_hf(model, tokenizer_dir(resolve_model_dir(args.run_dir)), args.out)
+    model_dir = resolve_model_dir(args.run_dir)  # verifies a checkpoint's hashes once
+    model, _ = load_model_dir(model_dir)
+    result = export_hf(model, tokenizer_dir(model_dir), args.out)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"exported {result.architecture} to {result.out_dir} ({', '.join(result.files)})")

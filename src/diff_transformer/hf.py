@@ -37,7 +37,7 @@ from .config import ModelConfig, lambda_init_schedule
 from .errors import UserError
 from .fileio import require_new_folder, staged_folder
 from .model import DiffTransformerLM
-from .serialization import load_state
+from .serialization import model_from_state
 
 ARCHITECTURES = {"diff": "DiffLlamaForCausalLM", "baseline": "LlamaForCausalLM"}
 MODEL_TYPES = {"diffllama": "diff", "llama": "baseline"}
@@ -257,16 +257,10 @@ def state_from_hf(config: ModelConfig, hf_state: dict[str, Tensor],
 
 
 def _model_from_state(config: ModelConfig, state: dict[str, Tensor], source: str) -> DiffTransformerLM:
-    with torch.device("meta"):
-        model = DiffTransformerLM(config)
-    model = model.to_empty(device="cpu")
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
     try:
-        load_state(model, state, source=source)
+        return model_from_state(config, state, source=source)
     except ValueError as e:
         raise UserError(f"cannot import: {e}") from e
-    return model
 
 
 # Public API ------------------------------------------------------------------------------------

@@ -148,11 +148,15 @@ class DiffAttention(Attention):
         self.lambda_k2 = nn.Parameter(torch.zeros(d))
         self.head_norm_scale = 1.0 - self.lambda_init
 
+    @staticmethod
+    def combine_lambda(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, lambda_init: float) -> Tensor:
+        """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init from the four (d,) vectors, a 0-d fp32 tensor."""
+        l1 = torch.exp(torch.dot(q1.float(), k1.float()))
+        l2 = torch.exp(torch.dot(q2.float(), k2.float()))
+        return l1 - l2 + lambda_init
+
     def lambda_full(self) -> Tensor:
-        """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, a 0-d fp32 tensor."""
-        l1 = torch.exp(torch.dot(self.lambda_q1.float(), self.lambda_k1.float()))
-        l2 = torch.exp(torch.dot(self.lambda_q2.float(), self.lambda_k2.float()))
-        return l1 - l2 + self.lambda_init
+        return self.combine_lambda(self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2, self.lambda_init)
 
     def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # Sub-heads 2i and 2i+1 are branches 1 and 2 of differential head i; kv sub-heads likewise.
@@ -273,8 +277,8 @@ class DiffTransformerLM(nn.Module):
         """Each layer's λ (DIFF V1), or None for models without a learned scalar λ."""
         if self.config.attention != "diff":
             return None
-        with torch.no_grad():
-            return [float(layer.self_attn.lambda_full()) for layer in self.layers]
+        with torch.no_grad():  # one host transfer for all layers
+            return torch.stack([layer.self_attn.lambda_full() for layer in self.layers]).tolist()
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

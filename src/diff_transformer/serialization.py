@@ -6,7 +6,6 @@ Loading never unpickles: tensors come from safetensors and metadata from JSON.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -14,16 +13,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
+from .fileio import write_atomically, write_bytes_atomically
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "diff-transformer"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def model_state(model) -> dict[str, torch.Tensor]:
@@ -34,13 +28,20 @@ def model_state(model) -> dict[str, torch.Tensor]:
     return state
 
 
+def config_bytes(config: ModelConfig) -> bytes:
+    """The ``config.json`` of a model folder (checkpoints write the same bytes)."""
+    return json.dumps({"format": FORMAT, **config.to_dict()}, indent=2).encode()
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata={"format": FORMAT})
+
+
 def save_pretrained(model, directory) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{WEIGHTS_NAME}.tmp"
-    save_file(model_state(model), str(tmp), metadata={"format": FORMAT})
-    os.replace(tmp, directory / WEIGHTS_NAME)
-    _atomic_write_text(directory / CONFIG_NAME, json.dumps({"format": FORMAT, **model.config.to_dict()}, indent=2))
+    write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_weights(model_state(model), tmp))
+    write_bytes_atomically(directory / CONFIG_NAME, config_bytes(model.config))
 
 
 def load_config(directory) -> ModelConfig:
@@ -79,23 +80,28 @@ def load_state(model, state: dict[str, torch.Tensor], source: str = "state") -> 
     model.load_state_dict(state, strict=not model.config.tie_embeddings)
 
 
-def from_pretrained(directory, *, device="cpu"):
+def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], *, device="cpu", source: str = "state"):
+    """A model of ``config`` holding exactly ``state`` (no random init is computed first)."""
     from .model import DiffTransformerLM
 
-    directory = Path(directory)
-    config = load_config(directory)
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found: the folder holds a config but no weights")
     with torch.device("meta"):
         model = DiffTransformerLM(config)
     model = model.to_empty(device=device)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+    load_state(model, state, source=source)
+    return model
+
+
+def from_pretrained(directory, *, device="cpu"):
+    directory = Path(directory)
+    config = load_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: the folder holds a config but no weights")
     try:
         state = load_file(str(weights), device=str(device))
     except SafetensorError as e:
         raise ValueError(f"{weights} is not a safetensors file ({e}): weights are read from safetensors only, "
                          "never unpickled") from None
-    load_state(model, state, source=str(weights))
-    return model
+    return model_from_state(config, state, device=device, source=str(weights))

@@ -13,13 +13,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from ..errors import UserError
+from ..fileio import write_bytes_atomically
 
 EOS_TEXT = "<|endoftext|>"
 META_FILE = "tokenizer_meta.json"
@@ -128,7 +127,7 @@ class BPETokenizer:
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(directory / BPE_FILE, self.backend.to_str(pretty=True).encode())
+        write_bytes_atomically(directory / BPE_FILE, self.backend.to_str(pretty=True).encode())
         _write_meta(directory, {"kind": "bpe", "name": self.name, "file": BPE_FILE, "eos_token": EOS_TEXT})
 
 
@@ -216,7 +215,7 @@ class TiktokenTokenizer:
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(directory / TIKTOKEN_FILE, self.ranks_file_bytes)
+        write_bytes_atomically(directory / TIKTOKEN_FILE, self.ranks_file_bytes)
         meta = {
             "kind": "tiktoken",
             "name": self.name.removeprefix("tiktoken:"),
@@ -325,14 +324,4 @@ def _need(path: Path) -> Path:
 
 def _write_meta(directory: Path, meta: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file and a rename: readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomically(directory / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())

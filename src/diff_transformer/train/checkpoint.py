@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from ..config import ModelConfig
 from ..fileio import sha256_file
 from ..errors import UserError
-from ..serialization import CONFIG_NAME, FORMAT, WEIGHTS_NAME
+from ..serialization import CONFIG_NAME, WEIGHTS_NAME, config_bytes, load_config, save_weights
 
 MARKER = "COMPLETE"
 MANIFEST = "manifest.json"
@@ -183,10 +183,8 @@ def write_checkpoint(
         atomic_write(path / name, write)
         names.append(name)
 
-    put(WEIGHTS_NAME, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()},
-                                            str(tmp), metadata={"format": FORMAT}))
-    config_json = json.dumps({"format": FORMAT, **model_config.to_dict()}, indent=2).encode()
-    put(CONFIG_NAME, lambda tmp: tmp.write_bytes(config_json))
+    put(WEIGHTS_NAME, lambda tmp: save_weights(model_state, tmp))
+    put(CONFIG_NAME, lambda tmp: tmp.write_bytes(config_bytes(model_config)))
     if tokenizer is not None:
         with tempfile.TemporaryDirectory(dir=path, prefix=".tokenizer-") as tmpdir:
             tokenizer.save(tmpdir)
@@ -319,9 +317,7 @@ def load_checkpoint(path, *, verified: bool = False) -> Checkpoint:
     if not verified:
         verify(path)
     try:
-        config_data = json.loads((path / CONFIG_NAME).read_text())
-        config_data.pop("format", None)
-        model_config = ModelConfig.from_dict(config_data)
+        model_config = load_config(path)
         trainer_state = json.loads((path / STATE).read_text())
         optim_meta = json.loads((path / OPTIM_META).read_text())
     except (OSError, ValueError) as e:

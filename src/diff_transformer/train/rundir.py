@@ -56,7 +56,7 @@ def resolve_resume(run_dir, resume, same_run: bool, warn: Callable[[str], None])
     "require" (as auto, but the run must have one) or a path given by the user (must verify)."""
     if resume not in ("auto", "require") and resume is not None:
         path = Path(resume)
-        if (path / ckpt.MANIFEST).is_file() or (path / ckpt.MARKER).is_file() or path.name.startswith(ckpt.PREFIX):
+        if ckpt.is_checkpoint_dir(path) or path.name.startswith(ckpt.PREFIX):
             ckpt.verify(path)
             return path
         if (path / RUN_FILE).is_file() or (path / "checkpoints").is_dir():

@@ -45,7 +45,8 @@ from . import rundir
 from .config import RunConfig
 from .evaluate import validation_loss
 from .optim import build_optimizer, lr_at, set_lr
-from .parallelize import DistInfo, all_reduce, barrier, choose, gradient_sync, init_distributed, parallelize
+from .parallelize import (DistInfo, all_reduce, barrier, choose, destroy_distributed, gradient_sync, init_distributed,
+                          parallelize)
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -284,7 +285,7 @@ class Trainer:
         """One optimizer step on batch ``self.step``: (loss, grad norm), both global over ranks."""
         cfg, info = self.cfg, self.dist
         x, y = self.batches.batch(self.step, info.rank, info.world_size)  # (B / world, N) each
-        xs, ys = self._rows(torch.as_tensor(x)), self._rows(torch.as_tensor(y))
+        xs, ys = self._rows(x), self._rows(y)
         loss_sum = torch.zeros((), device=self.device)
         for i, (xm, ym) in enumerate(zip(xs, ys)):
             with gradient_sync(self.wrapped, self.mode, sync=i == len(xs) - 1):
@@ -316,11 +317,12 @@ class Trainer:
             return None
         if self.mode != "fsdp":
             return self.model.lambdas()
-        out = []
+        lams = []
         for layer in self.model.layers:
-            vals = [getattr(layer.self_attn, f"lambda_{n}").full_tensor().float() for n in ("q1", "k1", "q2", "k2")]
-            out.append(float(torch.exp(vals[0] @ vals[1]) - torch.exp(vals[2] @ vals[3]) + layer.self_attn.lambda_init))
-        return out
+            attn = layer.self_attn
+            vals = [getattr(attn, f"lambda_{n}").full_tensor() for n in ("q1", "k1", "q2", "k2")]
+            lams.append(attn.combine_lambda(*vals, attn.lambda_init))
+        return torch.stack(lams).tolist()
 
     def _handle_bad_steps(self) -> None:
         first = self.step - self.consecutive_bad + 1
@@ -344,6 +346,9 @@ class Trainer:
         self._stop_requested = True
 
     def _stop_agreed(self) -> bool:
+        """Whether any rank got SIGTERM (one process needs no device round trip)."""
+        if not self.dist.distributed:
+            return self._stop_requested
         flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
         return bool(all_reduce(flag, self.dist).item() > 0)
 
@@ -469,5 +474,5 @@ def run_training(run: RunConfig, run_dir, *, resume: str | Path | None = "auto",
                 log(f"resuming from {checkpoint.path} (step {checkpoint.step})")
         return trainer.fit()
     finally:
-        if started_group and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if started_group:
+            destroy_distributed()

@@ -15,6 +15,7 @@ O's size) so the backward's E1/E2 are row dot products rather than another pass 
 Launch shapes were tuned on an H200 for d = 128 (benchmarks/NOTES.md); other GPUs get the same ones.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -144,19 +145,9 @@ def _dot_dtype(dtype: torch.dtype, device: torch.device):
     return _TL_DTYPES[dtype]
 
 
-class _on_device:
+def _on_device(device: torch.device):
     """Launch on the inputs' GPU, whatever the current device is."""
-
-    def __init__(self, device: torch.device):
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # Launchers -------------------------------------------------------------------------------------
@@ -323,8 +314,7 @@ def differential_attention(q1, q2, k1, k2, v, lam, *, causal: bool = True, scale
     ``k1 is k2`` (DIFF V2) takes the shared-key path: one key load for both branches, one dK.
     """
     scale = 1.0 / math.sqrt(q1.shape[-1]) if scale is None else float(scale)
-    shared = k1 is k2
-    _check(q1, k1, None if shared else k2, v, causal)
+    shared = k1 is k2  # the op's forward checks the inputs
     save_o2 = torch.is_grad_enabled() and any(t.requires_grad for t in (q1, q2, k1, k2, v, lam))
     return torch.ops.diff_transformer.diff_attn_fwd(q1, q2, k1, None if shared else k2, v, lam, causal, scale,
                                                     save_o2)[0]
