@@ -40,13 +40,13 @@ class NeedleMix:
         if not 0.0 < p <= 1.0:
             raise ValueError(f"p={p} must lie in (0, 1]; a share of 0 means no mix (build_mix returns None)")
         self.p = p  # chance that a row becomes an example
-        self.tokenizer = tokenizer  # encodes needles and questions; its EOS ends an example
+        self.tokenizer = _Cached(tokenizer)  # encodes needles and questions; its EOS ends an example
         self.row_len = seq_len + 1  # tokens of one row, inputs plus the last target
         # The tokens one needle and its question take at most, over the training cities.
         need = max(
-            sum(map(len, needle_pieces(tokenizer, c, LONGEST_NUMBER)))
-            + len(question_ids(tokenizer, c))
-            + len(tokenizer.encode(f" {LONGEST_NUMBER}"))
+            sum(map(len, needle_pieces(self.tokenizer, c, LONGEST_NUMBER)))
+            + len(question_ids(self.tokenizer, c))
+            + len(self.tokenizer.encode(f" {LONGEST_NUMBER}"))
             for c in TRAIN_CITIES
         )
         if need >= self.row_len:
@@ -74,6 +74,32 @@ class NeedleMix:
                 n -= 1
         ids = ex.prompts[0] + ex.answer_ids[0] + [self.tokenizer.eos_id] + window[ex.haystack_tokens:].tolist()
         return np.asarray(ids[: self.row_len], dtype=np.int64)
+
+
+class _Cached:
+    """A tokenizer that remembers the encodings of the number-free template texts (a needle's head,
+    its ".", a question: one per training city) and the text of each single token (the generator
+    decodes every haystack token to find sentence ends); numbers are encoded afresh each time."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_id
+        self._encoded: dict[str, list[int]] = {}
+        self._decoded: dict[int, str] = {}
+
+    def encode(self, text: str) -> list[int]:
+        if any(c.isdigit() for c in text):
+            return self.tokenizer.encode(text)
+        if text not in self._encoded:
+            self._encoded[text] = self.tokenizer.encode(text)
+        return list(self._encoded[text])
+
+    def decode(self, ids: list[int]) -> str:
+        if len(ids) != 1:
+            return self.tokenizer.decode(ids)
+        if ids[0] not in self._decoded:
+            self._decoded[ids[0]] = self.tokenizer.decode(ids)
+        return self._decoded[ids[0]]
 
 
 def build_mix(spec: str, tokenizer: Tokenizer, seq_len: int) -> NeedleMix | None:
