@@ -284,9 +284,10 @@ def snapshot(folder: Path) -> dict:
 
 def test_cli_bad_mix_exits_2_with_one_error_line(tmp_path, corpus, capsys):
     cache, out = tmp_path / "cache", tmp_path / "run"
-    args = ["train", "--preset", "tiny", "--data-cache", str(cache), "--no-progress", "--out", str(out), "--set",
-            "model.dim=32", "model.n_layers=1", "data.tokenizer=byte", "batch_size=4", f"seq_len={SEQ}",
-            "steps=2", "eval_every=0", "eval_batches=1", "ckpt_every=0", f"data.source={corpus}"]
+    settings = ["model.dim=32", "model.n_layers=1", "data.tokenizer=byte", "batch_size=4", f"seq_len={SEQ}",
+                "steps=2", "eval_every=0", "eval_batches=1", "ckpt_every=0", f"data.source={corpus}"]
+    args = ["train", "--preset", "tiny", "--data-cache", str(cache), "--no-progress", "--out", str(out),
+            "--set", *settings]
     assert main([*args, "data.mix=needle:0.5"]) == 0
     before = {"cache": snapshot(cache), "run": snapshot(out)}
     cases = {
@@ -304,3 +305,11 @@ def test_cli_bad_mix_exits_2_with_one_error_line(tmp_path, corpus, capsys):
         lines = [line for line in err if line.startswith("error: ")]
         assert len(lines) == 1 and needle in lines[0], (item, err)
         assert {"cache": snapshot(cache), "run": snapshot(out)} == before, item
+    # Rows too short for a needle: refused before the new run folder is made.
+    new = tmp_path / "short"
+    capsys.readouterr()
+    assert main(["train", "--preset", "tiny", "--data-cache", str(cache), "--no-progress", "--out", str(new),
+                 "--set", *settings, "seq_len=32", "data.mix=needle:0.1"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and "raise train.seq_len" in err[0], err
+    assert not new.exists() and snapshot(cache) == before["cache"]
