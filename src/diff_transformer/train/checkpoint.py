@@ -239,6 +239,17 @@ def prune(run_dir, keep_last: int) -> list[Path]:
     return doomed
 
 
+def remove_after(run_dir, step: int) -> list[Path]:
+    """Delete the complete checkpoints newer than ``step`` (a run resumed from an older checkpoint replaces
+    them). Returns the deleted folders."""
+    doomed = [p for p in complete_checkpoints(run_dir) if step_of(p) > step]
+    for p in reversed(doomed):  # newest first: a crash midway leaves an older newest checkpoint
+        (p / MARKER).unlink(missing_ok=True)
+        fsync_dir(p)
+        shutil.rmtree(p)
+    return doomed
+
+
 # Load ------------------------------------------------------------------------------------------------
 def verify(path) -> dict:
     """Check the marker, the manifest and every file's SHA-256; return the manifest.

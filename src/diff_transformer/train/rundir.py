@@ -6,7 +6,11 @@ resumes). A folder holding another run, or anything that is not a run, is refuse
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +21,9 @@ from .config import RESUMABLE_CHANGES, RunConfig
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 TOKENIZER_DIR = "tokenizer"
+LOCK_FILE = ".lock"  # flock-ed by the train process that owns the folder; holds its PID
+# What a start-up killed before run.json was written can leave behind: a rerun finishes the start-up.
+START_UP_LEFTOVERS = frozenset({TOKENIZER_DIR, f".{TOKENIZER_DIR}.tmp", LOCK_FILE})
 
 
 def read_run_config(run_dir) -> RunConfig | None:
@@ -34,6 +41,8 @@ def check_output_dir(run_dir, run: RunConfig) -> bool:
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return False
     existing = read_run_config(run_dir)
+    if existing is None and {p.name for p in run_dir.iterdir()} <= START_UP_LEFTOVERS:
+        return False  # write_run_files replaces the leftovers
     if existing is None:
         raise UserError(f"--out {run_dir} is not empty and holds no {RUN_FILE}: choose a new or empty folder")
     diffs = [k for k in run.differences(existing) if k not in RESUMABLE_CHANGES]
@@ -83,11 +92,11 @@ def write_run_files(run_dir, run: RunConfig, tokenizer) -> None:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tok_dir = run_dir / TOKENIZER_DIR
+    if tok_dir.is_dir() and not (run_dir / RUN_FILE).is_file():
+        shutil.rmtree(tok_dir)  # left by a start-up killed before run.json: maybe of other data settings
     if not tok_dir.is_dir():
         tmp = run_dir / f".{TOKENIZER_DIR}.tmp"
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         tmp.mkdir()
         tokenizer.save(tmp)
@@ -95,9 +104,47 @@ def write_run_files(run_dir, run: RunConfig, tokenizer) -> None:
     ckpt.atomic_write_bytes(run_dir / RUN_FILE, (run.to_json() + "\n").encode())
 
 
+@contextlib.contextmanager
+def exclusive(run_dir):
+    """Hold an exclusive ``flock`` on ``RUN_DIR/.lock`` (created, with the run directory) until the block
+    ends or the process dies; a second train process on the folder gets a UserError naming the holder."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(run_dir / LOCK_FILE, "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to --out {run_dir} ({e.strerror or e}): choose a writable folder") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip()[:20] or "unknown"
+            raise UserError(f"--out {run_dir} is in use by another train process (PID {holder}): wait for it to "
+                            "end (or stop it), or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
+def json_safe(obj):
+    """``obj`` with non-finite floats as None: metrics files stay strict JSON (no bare NaN/Infinity)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def rewrite_metrics(run_dir, records: list[dict]) -> None:
     """metrics.jsonl as of a checkpoint: records logged after it (before a crash) are dropped."""
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    text = "".join(json.dumps(json_safe(r), sort_keys=True, allow_nan=False) + "\n" for r in records)
     ckpt.atomic_write_bytes(Path(run_dir) / METRICS_FILE, text.encode())
 
 

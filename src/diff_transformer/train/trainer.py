@@ -176,6 +176,7 @@ class Trainer:
         self.consecutive_bad = 0
         self.last_rollback_to: int | None = None
         self.last_saved_step: int | None = None
+        self._good_since_rollback = True  # no periodic save of a rolled-back state before a good step
         self._stop_requested = False
         self._train_time = 0.0
         self._session_tokens = 0
@@ -223,7 +224,7 @@ class Trainer:
         self.last_rollback_to = state.get("last_rollback_to")
         self.last_saved_step = self.step
         checkpoint.restore_rng()
-        if self.dist.is_main:
+        if self.dist.is_main and self.step < self.total_steps:  # a finished run keeps its summary record
             rundir.rewrite_metrics(self.run_dir, self.metrics)
 
     def save(self) -> Path:
@@ -251,7 +252,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         with open(self.run_dir / rundir.METRICS_FILE, "a") as f:
-            f.write(json.dumps(entry, sort_keys=True) + "\n")
+            f.write(json.dumps(rundir.json_safe(entry), sort_keys=True, allow_nan=False) + "\n")
         if self._tb is not None:
             for key, value in entry.items():
                 if isinstance(value, (int, float)) and key != "step":
@@ -339,8 +340,16 @@ class Trainer:
         self.load_weights(ckpt.load_checkpoint(path, verified=True))
         self.last_rollback_to = ckpt.step_of(path)
         self.consecutive_bad = 0
+        self._good_since_rollback = False
         self.log(f"warning: {reason}; rolled the weights back to checkpoint {path.name} and continue with the next batches")
         self.record({"kind": "event", "step": self.step, "event": "rollback", "to_step": self.last_rollback_to})
+
+    def _check_val_loss(self) -> None:
+        """A non-finite validation loss ends the run (exit 3) before that state is checkpointed."""
+        val = self.metrics[-1]["val_loss"]
+        if not math.isfinite(val):
+            raise TrainingDiverged(f"the validation loss is {val} at step {self.step}: the weights diverged; lower "
+                                   "train.lr, raise train.warmup_steps or train.grad_clip, or check the data")
 
     # Loop -------------------------------------------------------------------------------------
     def _on_sigterm(self, signum, frame) -> None:
@@ -376,6 +385,7 @@ class Trainer:
         try:
             if self.step == 0:
                 self.record(self.evaluate())
+                self._check_val_loss()
             while self.step < self.total_steps:
                 set_lr(self.optimizer, lr_at(self.step, cfg))
                 t0 = time.perf_counter()
@@ -384,6 +394,7 @@ class Trainer:
                 if finite:
                     self.optimizer.step()
                     self.consecutive_bad = 0
+                    self._good_since_rollback = True
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
@@ -410,13 +421,15 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == self.total_steps:
                     self.record(self.evaluate())
+                    self._check_val_loss()
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss:.3f}", val=f"{self.metrics[-1]['val_loss']:.3f}",
                                         tok_s=f"{tok_s:,.0f}")
                 # No periodic save inside a non-finite streak: a rollback must land before the streak, or
                 # one that outlasts the rollback would roll back to ever newer checkpoints and never stop.
-                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not self.consecutive_bad) or (
-                        self.step == self.total_steps):
+                # Nor right after a rollback: that would store the rolled-back state as a new checkpoint.
+                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not self.consecutive_bad
+                        and self._good_since_rollback) or self.step == self.total_steps:
                     self.save()
                 if self._stop_agreed():
                     path = self.save()
@@ -455,25 +468,64 @@ def run_training(run: RunConfig, run_dir, *, resume: str | Path | None = "auto",
         if run.train.init_from is None or run.model.vocab_size < dataset.vocab_size:
             run = run.replace(model=run.model.replace(vocab_size=dataset.vocab_size))
         # else a fine-tuned model keeps its (possibly padded) vocabulary; load_initial_weights checks it
-        same_run = rundir.check_output_dir(run_dir, run)
         quiet = (lambda msg: None) if not info.is_main else (lambda msg: log(f"warning: {msg}"))
-        start = rundir.resolve_resume(run_dir, resume, same_run, quiet)
-        checkpoint = ckpt.load_checkpoint(start, verified=True) if start is not None else None
-        trainer = Trainer(run, dataset, run_dir, dist=info, progress=progress, log=log if info.is_main else quiet)
-        if checkpoint is not None:
-            trainer.load_weights(checkpoint)  # refuses another model config before anything is written
-            if not ckpt.same_tokenizer(checkpoint.path, dataset.tokenizer):
-                raise ckpt.CheckpointError(f"checkpoint {checkpoint.path} was trained with another tokenizer than "
-                                           "this run's data makes: resume with the data settings it was trained with")
-        barrier(info)
-        if info.is_main:
-            rundir.write_run_files(run_dir, run, dataset.tokenizer)
-        barrier(info)
-        if checkpoint is not None:
-            trainer.restore(checkpoint)
-            if info.is_main and checkpoint.step < run.train.total_steps:
-                log(f"resuming from {checkpoint.path} (step {checkpoint.step})")
-        return trainer.fit()
+
+        def start_checkpoint(trainer=None):
+            same_run = rundir.check_output_dir(run_dir, run)
+            start = rundir.resolve_resume(run_dir, resume, same_run, quiet)
+            checkpoint = ckpt.load_checkpoint(start, verified=True) if start is not None else None
+            trainer = trainer or Trainer(run, dataset, run_dir, dist=info, progress=progress,
+                                         log=log if info.is_main else quiet)
+            if checkpoint is not None:
+                trainer.load_weights(checkpoint)  # refuses another model config before anything is written
+                if not ckpt.same_tokenizer(checkpoint.path, dataset.tokenizer):
+                    raise ckpt.CheckpointError(f"checkpoint {checkpoint.path} was trained with another tokenizer than "
+                                               "this run's data makes: resume with the data settings it was trained with")
+            return trainer, checkpoint
+
+        trainer, checkpoint = start_checkpoint()  # every check before the folder is touched
+        with contextlib.ExitStack() as held:
+            barrier(info)
+            if _agree_failed(_lock_failure(held, run_dir, info), info):
+                raise UserError(f"--out {run_dir} is in use by another train process")
+            barrier(info)
+            trainer, checkpoint = start_checkpoint(trainer)  # again under the lock: another process may have run
+            if info.is_main:
+                rundir.write_run_files(run_dir, run, dataset.tokenizer)
+                if checkpoint is not None and resume not in ("auto", "require", None):
+                    for p in ckpt.remove_after(run_dir, checkpoint.step):  # --resume PATH replaces later ones
+                        log(f"warning: removed checkpoint {p.name}: the run continues from {checkpoint.path}")
+            barrier(info)
+            if checkpoint is not None:
+                trainer.restore(checkpoint)
+                if info.is_main and checkpoint.step < run.train.total_steps:
+                    log(f"resuming from {checkpoint.path} (step {checkpoint.step})")
+            return trainer.fit()
     finally:
         if started_group:
             destroy_distributed()
+
+
+def _lock_failure(held: contextlib.ExitStack, run_dir: Path, info: DistInfo) -> UserError | None:
+    """Rank 0 takes the run directory's lock for the rest of ``held``; the error if another process holds it."""
+    if not info.is_main:
+        return None
+    try:
+        held.enter_context(rundir.exclusive(run_dir))
+    except UserError as e:
+        if not info.distributed:
+            raise
+        return e
+    return None
+
+
+def _agree_failed(error: Exception | None, info: DistInfo) -> bool:
+    """Whether any rank failed (so that all stop together); rank 0 raises its own error itself."""
+    if error is not None and info.is_main:
+        flag = torch.tensor([1.0], device=info.device)
+        all_reduce(flag, info)
+        raise error
+    if not info.distributed:
+        return False
+    flag = torch.tensor([0.0], device=info.device)
+    return bool(all_reduce(flag, info).item() > 0)

@@ -1,0 +1,157 @@
+"""Hardening (issue 12): runs that ended wrong, and bad inputs that gave tracebacks instead of one line.
+
+Every bad-input case asserts what the user meets: exit 2, one ``error:`` line and the folders involved
+byte-identical. Tiny model, byte tokenizer, CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from diff_transformer.cli import main
+from diff_transformer.train import checkpoint as ckpt
+from diff_transformer.train import rundir
+
+from conftest import write_corpus
+
+TINY = ["model.dim=64", "model.n_layers=2", "data.tokenizer=byte", "batch_size=4", "seq_len=16",
+        "eval_every=3", "eval_batches=2", "ckpt_every=3", "log_every=1", "warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("harden")
+    corpus = write_corpus(root / "corpus", n_docs=6, chars=2000)
+    cache = root / "cache"
+    base = ["--data-cache", str(cache), "--no-progress"]
+    args = ["--preset", "tiny", *base, "--set", *TINY, f"data.source={corpus}"]
+    run = root / "run"
+    assert main(["train", *args, "steps=6", "--out", str(run)]) == 0
+    return {"root": root, "corpus": corpus, "cache": cache, "base": base, "args": args, "run": run}
+
+
+def snapshot(folder: Path) -> dict:
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(folder.rglob("*"))}
+
+
+def cli(*argv, env_extra=None, timeout=120, **kw) -> subprocess.CompletedProcess:
+    """The CLI in a child process (what a user runs): tracebacks, exit codes and signals are real."""
+    src = str(Path(__file__).parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+           **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "diff_transformer.cli", *map(str, argv)], env=env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def assert_one_error(code: int, err: str, needle: str = "") -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert len(errors) == 1 and needle in errors[0], err
+    return errors[0]
+
+
+def bad(argv, folders, needle="", capsys=None):
+    """Run in-process; exit 2, one error line holding ``needle``, ``folders`` unchanged."""
+    before = [snapshot(f) for f in folders]
+    if capsys is not None:
+        capsys.readouterr()
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err if capsys is not None else ""
+    line = assert_one_error(code, err, needle)
+    assert [snapshot(f) for f in folders] == before
+    return line
+
+
+# 1-5: runs that ended wrong ------------------------------------------------------------------------------------
+def test_diverging_run_exits_3_not_0(env, tmp_path):
+    """A rollback must not turn the rolled-back state into a new checkpoint (so the second streak stops the
+    run), and a run never ends "done" with a non-finite validation loss."""
+    out = tmp_path / "div"
+    r = cli("train", *env["args"], "lr=1e6", "ckpt_every=1", "max_bad_steps=3", "steps=30", "--out", out)
+    assert r.returncode == 3, (r.returncode, r.stdout, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and "done:" not in r.stdout
+    assert len([x for x in r.stderr.splitlines() if x.startswith("error: ")]) == 1
+    for p in ckpt.complete_checkpoints(out):  # no checkpoint holds non-finite weights
+        assert all(torch.isfinite(t).all() for t in load_file(str(p / "model.safetensors")).values()), p
+
+
+def test_kill_in_the_start_up_window_does_not_block_the_rerun(env, tmp_path):
+    out = tmp_path / "startup"
+    out.mkdir()
+    shutil.copytree(env["run"] / "tokenizer", out / ".tokenizer.tmp")  # killed while writing tokenizer/
+    assert main(["train", *env["args"], "steps=3", "--out", str(out)]) == 0
+    shutil.rmtree(out)
+    out.mkdir()
+    shutil.copytree(env["run"] / "tokenizer", out / "tokenizer")  # killed before run.json
+    assert main(["train", *env["args"], "steps=3", "--out", str(out)]) == 0
+    assert (out / "run.json").is_file() and [ckpt.step_of(p) for p in ckpt.complete_checkpoints(out)] == [3]
+
+
+def test_resume_to_an_older_checkpoint_continues_and_replaces_the_later_ones(env, tmp_path, capsys):
+    out = tmp_path / "older"
+    shutil.copytree(env["run"], out)
+    final = load_file(str(ckpt.checkpoint_path(out, 6) / "model.safetensors"))
+    assert main(["train", *env["args"], "steps=6", "--out", str(out), "--resume",
+                 str(ckpt.checkpoint_path(out, 3))]) == 0
+    assert [ckpt.step_of(p) for p in ckpt.complete_checkpoints(out)] == [3, 6]
+    again = load_file(str(ckpt.checkpoint_path(out, 6) / "model.safetensors"))
+    assert all(torch.equal(final[k], again[k]) for k in final)  # CPU training is deterministic
+    kinds = [(m["kind"], m["step"]) for m in rundir.read_metrics(out) if m["kind"] != "summary"]
+    ref = [(m["kind"], m["step"]) for m in rundir.read_metrics(env["run"]) if m["kind"] != "summary"]
+    assert kinds == ref
+
+
+def test_rerun_of_a_finished_run_keeps_its_summary(env, tmp_path, capsys):
+    out = tmp_path / "finished"
+    shutil.copytree(env["run"], out)
+    before = (out / rundir.METRICS_FILE).read_bytes()
+    assert [m["kind"] for m in rundir.read_metrics(out)][-1] == "summary"
+    assert main(["train", *env["args"], "steps=6", "--out", str(out)]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert (out / rundir.METRICS_FILE).read_bytes() == before
+
+
+def test_two_trains_on_one_folder_the_second_is_refused_naming_the_holder(env, tmp_path):
+    out = tmp_path / "locked"
+    settings = ["steps=100000", "eval_every=0", "ckpt_every=0"]
+    src = str(Path(__file__).parents[1] / "src")
+    first = subprocess.Popen([sys.executable, "-m", "diff_transformer.cli", "train", *env["args"], *settings,
+                              "--out", str(out)], env={**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / rundir.METRICS_FILE
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and first.poll() is None and not (
+            metrics.is_file() and '"train"' in metrics.read_text()):
+        time.sleep(0.05)
+    try:
+        second = cli("train", *env["args"], *settings, "--out", out, timeout=60)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 75, err
+    line = assert_one_error(second.returncode, second.stderr, "in use")
+    assert f"PID {first.pid}" in line
+    steps = [(m["kind"], m["step"]) for m in rundir.read_metrics(out)]
+    assert len(steps) == len(set(steps))  # no record twice
+    import fcntl
+
+    with open(out / rundir.LOCK_FILE, "a") as f:  # released when the holder exited
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
