@@ -155,3 +155,24 @@ def test_two_trains_on_one_folder_the_second_is_refused_naming_the_holder(env, t
 
     with open(out / rundir.LOCK_FILE, "a") as f:  # released when the holder exited
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+# 6-13: errors that were tracebacks -----------------------------------------------------------------------------
+def test_disk_full_during_a_save_is_one_line_naming_the_space_needed(env, tmp_path):
+    out = tmp_path / "full"
+    shutil.copytree(env["run"], out)
+    shutil.rmtree(ckpt.checkpoint_path(out, 6))
+    kept = snapshot(ckpt.checkpoint_path(out, 3))
+    limit = (ckpt.checkpoint_path(out, 3) / "model.safetensors").stat().st_size + 4096  # optimizer.safetensors: 2x
+
+    def small_files():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = cli("train", *env["args"], "steps=6", "--out", out, preexec_fn=small_files)
+    line = assert_one_error(r.returncode, r.stderr, "a save needs about")
+    assert "keep_last + 1 = 3" in line and "File too large" in line
+    assert snapshot(ckpt.checkpoint_path(out, 3)) == kept
+    assert not ckpt.checkpoint_path(out, 6).exists()
+    assert cli("train", *env["args"], "steps=6", "--out", out).returncode == 0  # room again: it resumes

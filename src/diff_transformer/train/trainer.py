@@ -15,6 +15,8 @@ import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import sys
 import threading
@@ -67,6 +69,14 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps and no rollback left."""
 
     exit_code = EXIT_DIVERGED
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def default_cache_dir() -> Path:
@@ -235,16 +245,38 @@ class Trainer:
         model_state = self.model_state()
         optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=self._opts())
         if self.dist.is_main:
-            ckpt.write_checkpoint(path, model_config=self.run.model, model_state=model_state,
-                                  optimizer_state=optim_state, trainer_state=self.trainer_state(),
-                                  tokenizer=self.dataset.tokenizer)
+            with self._save_errors(path, model_state, optim_state):
+                ckpt.write_checkpoint(path, model_config=self.run.model, model_state=model_state,
+                                      optimizer_state=optim_state, trainer_state=self.trainer_state(),
+                                      tokenizer=self.dataset.tokenizer)
         barrier(self.dist)
         if self.dist.is_main:
-            ckpt.commit(path)
+            with self._save_errors(path, model_state, optim_state):
+                ckpt.commit(path)
             ckpt.prune(self.run_dir, self.cfg.keep_last)
         barrier(self.dist)
         self.last_saved_step = self.step
         return path
+
+    @contextlib.contextmanager
+    def _save_errors(self, path: Path, model_state: dict, optim_state: dict):
+        """A full disk or a file size limit during a save: remove the partial folder, then one UserError
+        naming the space a save needs (the previous checkpoints are untouched)."""
+        try:
+            yield
+        except (OSError, SafetensorError) as e:
+            if not (path / ckpt.MARKER).exists():
+                shutil.rmtree(path, ignore_errors=True)
+            reason = getattr(e, "strerror", None) or str(e)
+            reason = re.search(r'message: "([^"]*)"', reason).group(1) if 'message: "' in reason else reason
+            one = sum(t.numel() * t.element_size() for t in model_state.values()) + sum(
+                t.numel() * t.element_size() for s in optim_state["state"].values() for t in s.values()
+                if isinstance(t, torch.Tensor))
+            keep = self.cfg.keep_last
+            raise UserError(f"cannot save checkpoint {path} ({reason}): a save needs about "
+                            f"{_size(one * (keep + 1))} in {path.parent} (train.keep_last + 1 = {keep + 1} checkpoints "
+                            f"of about {_size(one)}; older ones are pruned only after the new one is complete); "
+                            "free some space and rerun the same command to resume") from None
 
     # Metrics ----------------------------------------------------------------------------------
     def record(self, entry: dict) -> None:
