@@ -176,3 +176,61 @@ def test_disk_full_during_a_save_is_one_line_naming_the_space_needed(env, tmp_pa
     assert snapshot(ckpt.checkpoint_path(out, 3)) == kept
     assert not ckpt.checkpoint_path(out, 6).exists()
     assert cli("train", *env["args"], "steps=6", "--out", out).returncode == 0  # room again: it resumes
+
+
+@pytest.fixture(scope="module")
+def model_dir(env, tmp_path_factory):
+    import diff_transformer
+
+    model, tok = diff_transformer.load(env["run"])
+    folder = tmp_path_factory.mktemp("model") / "m"
+    model.save_pretrained(folder)
+    tok.save(folder)
+    return folder
+
+
+def _with_config(src: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(src, dst)
+    data = json.loads((dst / "config.json").read_text())
+    data.update(changes)
+    (dst / "config.json").write_text(json.dumps(data))
+    return dst
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"n_layers": 10**9}, "parameters"), ({"vocab_size": 10**12}, "parameters"),
+    ({"dim": "64"}, "model.dim"), ({"n_layers": 2.5}, "model.n_layers"), ({"tie_embeddings": "false"}, "tie_embeddings"),
+    ({"init_std": None}, "init_std"), ({"n_layers": 10**30}, "n_layers")])
+def test_absurd_or_ill_typed_model_config_is_refused_before_allocating(model_dir, tmp_path, capsys, changes, needle):
+    folder = _with_config(model_dir, tmp_path / "m", **changes)
+    bad(["generate", folder, "--prompt", "a", "--max-new-tokens", "2"], [folder], needle, capsys)
+    out = tmp_path / "ft"
+    bad(["train", "--init-from", folder, "--out", out, "--no-progress"], [folder, out], needle, capsys)
+
+
+@pytest.mark.parametrize("setting,needle", [
+    ("model.n_layers=1000000000", "parameters"), ("model.dim=100000", "parameters"), ("lr=inf", "train.lr"),
+    ("weight_decay=nan", "train.weight_decay"), ("model.init_std=nan", "model.init_std"),
+    ("seed=18446744073709551616", "train.seed"), ("data.vocab_size=1000000000", "vocab_size")])
+def test_bad_settings_are_refused(env, tmp_path, capsys, setting, needle):
+    out = tmp_path / "new"
+    bad(["train", *env["args"], setting, "--out", out], [out, env["cache"]], needle, capsys)
+
+
+@pytest.mark.parametrize("section,changes,needle", [
+    ("train", {"seed": "abc"}, "train.seed"), ("model", {"tie_embeddings": "false"}, "model.tie_embeddings"),
+    ("train", {"steps": 1.5}, "train.steps"), ("data", {"vocab_size": "300"}, "data.vocab_size"),
+    ("train", {"lr": None}, "train.lr")])
+def test_config_file_values_are_type_checked(env, tmp_path, capsys, section, changes, needle):
+    data = json.loads((env["run"] / "run.json").read_text())
+    data[section].update(changes)
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(data))
+    out = tmp_path / "new"
+    bad(["train", "--config", config, *env["base"], "--out", out], [out, env["cache"]], needle, capsys)
+
+
+def test_out_that_cannot_be_written_is_one_line(env, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    bad(["train", *env["args"], "steps=3", "--out", blocker / "run"], [tmp_path], "cannot write", capsys)

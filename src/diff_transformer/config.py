@@ -12,8 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from .errors import UserError
 
@@ -100,6 +103,7 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown model config field(s) {unknown}; known fields: {sorted(known)}")
+        check_field_types(cls, d, "model")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -181,3 +185,76 @@ class ParameterReport:
             f"DIFF {self.diff:,} params ({self.diff_non_embedding:,} non-embedding), baseline {self.baseline:,} "
             f"({self.baseline_non_embedding:,}); difference {100 * self.relative_difference:+.4f}%"
         )
+
+
+# Validation shared by the loaders ----------------------------------------------------------------
+_INT_LIMIT = 2**63  # what torch and numpy take as an integer (seeds, sizes)
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    if get_origin(tp) is Literal:
+        return isinstance(value, str)  # which string: the literal checks in __post_init__
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool) and -_INT_LIMIT <= value < _INT_LIMIT
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e300 and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    return True
+
+
+def check_field_types(cls: type, values: dict[str, Any], section: str) -> None:
+    """Refuse a value of the wrong JSON type for its dataclass field (``"false"`` for a bool, ``2.5`` for an
+    int, ``NaN`` or ``Infinity`` for a float, an integer beyond 64 bits), before any arithmetic on it."""
+    hints = get_type_hints(cls)
+    for name, value in values.items():
+        tp = hints.get(name)
+        if tp is None:
+            continue
+        allowed = get_args(tp) if get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        if value is None and type(None) in allowed:
+            continue
+        if not any(_fits(value, a) for a in allowed if a is not type(None)):
+            names = [("a finite number" if a is float else "true or false" if a is bool else
+                      "an integer below 2**63" if a is int else "null" if a is type(None) else
+                      "a string") for a in allowed]
+            raise ConfigError(f"{section}.{name}={value!r} is not {' or '.join(dict.fromkeys(names))}: "
+                              f"give {section}.{name} a value of that type")
+
+
+def _memory_bytes(device: Any = None) -> int:
+    """The memory a model may take: this machine's RAM, or the GPU's for a CUDA device."""
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def estimated_parameters(config: ModelConfig) -> int:
+    """An upper bound of the parameter count of ``config``, computed without building anything."""
+    d, h, kv = config.head_dim, config.n_heads, config.n_kv_heads
+    attn = config.dim * 2 * h * d + 2 * config.dim * kv * d * 2 + h * d * config.dim + config.dim * h + 8 * d
+    layer = attn + 3 * config.dim * config.ffn_dim + 2 * config.dim
+    embed = config.vocab_size * config.dim * (1 if config.tie_embeddings else 2)
+    return config.n_layers * layer + embed + config.dim
+
+
+def validate_size(config: ModelConfig, *, training: bool = False, device: Any = None) -> None:
+    """Refuse a config whose fp32 parameters (with gradients and AdamW moments when ``training``) cannot fit
+    in memory, before anything is allocated; the error names the size."""
+    n = estimated_parameters(config)
+    need = n * 4 * (4 if training else 1)
+    have = _memory_bytes(device)
+    if need > have:
+        what = "parameters, gradients and AdamW moments" if training else "parameters"
+        raise ConfigError(
+            f"this model (dim={config.dim}, n_layers={config.n_layers}, vocab_size={config.vocab_size}, "
+            f"ffn_dim={config.ffn_dim}) has about {n:,} parameters: its fp32 {what} take {need / 1e9:,.1f} GB, "
+            f"more than this machine's {have / 1e9:,.1f} GB: choose a smaller model")

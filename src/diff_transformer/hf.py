@@ -205,7 +205,12 @@ def config_from_hf(hf_cfg) -> ModelConfig:
     )
     if attention == "diff" and _get(hf_cfg, "lambda_std_dev") is not None:
         fields["lambda_std"] = float(hf_cfg.lambda_std_dev)
-    return ModelConfig(**fields)
+    from .config import check_field_types, validate_size
+
+    check_field_types(ModelConfig, fields, "model")
+    config = ModelConfig(**fields)
+    validate_size(config)
+    return config
 
 
 # State mapping ---------------------------------------------------------------------------------

