@@ -234,3 +234,41 @@ def test_out_that_cannot_be_written_is_one_line(env, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     bad(["train", *env["args"], "steps=3", "--out", blocker / "run"], [tmp_path], "cannot write", capsys)
+
+
+def _tiktoken_folder(folder: Path) -> Path:
+    import base64
+
+    folder.mkdir()
+    ranks = b"".join(base64.b64encode(bytes([i])) + b" %d\n" % i for i in range(256))
+    (folder / "tokenizer.tiktoken").write_bytes(ranks)
+    (folder / "tokenizer_meta.json").write_text(json.dumps(
+        {"kind": "tiktoken", "name": "mine", "file": "tokenizer.tiktoken", "pattern": r"\s+|\S+", "eos_id": 256}))
+    return folder
+
+
+@pytest.mark.parametrize("case", ["garbage tokenizer.json", "binary meta", "meta not an object",
+                                  "eos id not an integer", "file outside the folder", "file ../",
+                                  "bad pattern"])
+def test_malformed_tokenizer_files_are_one_line(env, tmp_path, capsys, case):
+    import tokenizers
+
+    folder = tmp_path / "tok"
+    if case == "garbage tokenizer.json":
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text('{"version": "1.0", "model": 42}')
+        (folder / "tokenizer_meta.json").write_text(json.dumps({"kind": "bpe", "file": "tokenizer.json"}))
+    else:
+        _tiktoken_folder(folder)
+        meta = json.loads((folder / "tokenizer_meta.json").read_text())
+        if case == "binary meta":
+            (folder / "tokenizer_meta.json").write_bytes(b"\xff\xfe\x00garbage\x80")
+        elif case == "meta not an object":
+            (folder / "tokenizer_meta.json").write_text("[1, 2]")
+        else:
+            meta.update({"eos id not an integer": {"eos_id": "x"}, "file outside the folder": {"file": "/etc/hostname"},
+                         "file ../": {"file": "../tok/tokenizer.tiktoken"}, "bad pattern": {"pattern": "(("}}[case])
+            (folder / "tokenizer_meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "new"
+    bad(["train", *env["args"], f"data.tokenizer=saved:{folder}", "steps=3", "--out", out], [folder, out],
+        "tokenizer", capsys)

@@ -230,8 +230,8 @@ def saved_tokenizer_files(directory: Path) -> list[Path]:
     """The files :meth:`Tokenizer.save` wrote into ``directory`` (the description and what it names)."""
     meta_path = directory / META_FILE
     files = [meta_path]
-    with contextlib.suppress(OSError, json.JSONDecodeError, KeyError, TypeError):
-        files.append(directory / json.loads(meta_path.read_text())["file"])
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, UserError):
+        files.append(_inside(directory, json.loads(meta_path.read_text())["file"]))
     return [f for f in files if f.is_file()]
 
 
@@ -244,6 +244,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
             f"no tokenizer in {directory} (missing {META_FILE}): give a model or dataset folder that holds one"
         )
     try:
+        if meta_path.stat().st_size > 1 << 20:
+            raise ValueError("larger than 1 MB")
         meta = json.loads(meta_path.read_text())
         kind = meta["kind"]
         if kind == "byte":
@@ -251,12 +253,30 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         if kind == "bpe":
             from tokenizers import Tokenizer as Backend
 
-            return BPETokenizer(Backend.from_file(str(_need(directory / meta["file"]))))
+            path = _need(_inside(directory, meta["file"]))
+            try:
+                backend = Backend.from_file(str(path))
+            except Exception as e:  # tokenizers raises a bare Exception on malformed files
+                raise UserError(f"{path} is not a tokenizers JSON file ({str(e)[:200]}): save the tokenizer again") from None
+            return BPETokenizer(backend)
         if kind == "tiktoken":
-            data = _need(directory / meta["file"]).read_bytes()
-            return TiktokenTokenizer(data, meta["name"], meta["pattern"], int(meta["eos_id"]), str(directory))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{meta_path} is not a tokenizer description ({e!r}): save the tokenizer again") from e
+            data = _need(_inside(directory, meta["file"])).read_bytes()
+            eos_id, name, pattern = meta["eos_id"], meta["name"], meta["pattern"]
+            if not (isinstance(eos_id, int) and not isinstance(eos_id, bool) and 0 <= eos_id < 1 << 31):
+                raise ValueError(f"eos_id {eos_id!r} is not a token id")
+            if not (isinstance(name, str) and isinstance(pattern, str)):
+                raise ValueError("name and pattern must be strings")
+            try:
+                return TiktokenTokenizer(data, name, pattern, eos_id, str(directory))
+            except UserError:
+                raise
+            except Exception as e:  # tiktoken's regex compiler and builder raise their own types
+                raise ValueError(f"tiktoken refuses it: {str(e)[:200]}") from None
+    except UserError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:  # ValueError: JSON, UTF-8
+        raise UserError(f"{meta_path} is not a tokenizer description ({str(e)[:200] or type(e).__name__}): "
+                        "save the tokenizer again") from None
     raise UserError(f"{meta_path} names an unknown tokenizer kind {kind!r}: expected bpe, byte or tiktoken")
 
 
@@ -314,6 +334,15 @@ def _parse_tiktoken_ranks(data: bytes, source: str) -> dict[bytes, int]:
     if len(set(ranks.values())) != len(ranks):
         raise UserError(f"{source} gives one rank to two tokens: give an unmodified .tiktoken file")
     return ranks
+
+
+def _inside(directory: Path, name) -> Path:
+    """``directory / name`` for a plain file name; a path that leaves the folder (absolute, ``..``, a
+    subfolder) is refused: a tokenizer description names only files beside it."""
+    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name or "\\" in name:
+        raise UserError(f"{directory / META_FILE} names the file {name!r}, which is not a file in that folder: "
+                        "save the tokenizer again")
+    return directory / name
 
 
 def _need(path: Path) -> Path:
