@@ -272,3 +272,62 @@ def test_malformed_tokenizer_files_are_one_line(env, tmp_path, capsys, case):
     out = tmp_path / "new"
     bad(["train", *env["args"], f"data.tokenizer=saved:{folder}", "steps=3", "--out", out], [folder, out],
         "tokenizer", capsys)
+
+
+def reseal(folder: Path, files: dict | None = None) -> None:
+    """Rewrite manifest.json (``files``, or fresh hashes of the listed files) and COMPLETE to match: a
+    hand-edited or foreign checkpoint whose hashes are consistent."""
+    manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+    if files is None:
+        files = {n: {"sha256": ckpt.sha256(folder / n), "bytes": (folder / n).stat().st_size}
+                 for n in manifest["files"]}
+    manifest["files"] = files
+    (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    (folder / ckpt.MARKER).write_text(json.dumps({"manifest_sha256": ckpt.sha256(folder / ckpt.MANIFEST)}))
+
+
+def _tampered(env, tmp_path, case) -> Path:
+    folder = tmp_path / "ck" / "checkpoints" / "step_00000006"
+    shutil.copytree(ckpt.checkpoint_path(env["run"], 6), folder)
+    files = json.loads((folder / ckpt.MANIFEST).read_text())["files"]
+    outside = tmp_path / "outside.txt"
+    outside.write_text("secret")
+    if case == "absolute path":
+        reseal(folder, {**files, str(outside): {"sha256": ckpt.sha256(outside)}})
+    elif case == "../ path":
+        reseal(folder, {**files, "../../../outside.txt": {"sha256": ckpt.sha256(outside)}})
+    elif case == "empty file list":
+        w = folder / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:-8] + b"\x00" * 8)
+        reseal(folder, {})
+    elif case == "entry not an object":
+        reseal(folder, {**files, "model.safetensors": "abc"})
+    elif case == "optimizer.json malformed":
+        (folder / ckpt.OPTIM_META).write_text(json.dumps({"param_groups": 5, "scalars": []}))
+        reseal(folder)
+    elif case == "trainer state malformed":
+        state = json.loads((folder / ckpt.STATE).read_text())
+        (folder / ckpt.STATE).write_text(json.dumps({**state, "step": "six"}))
+        reseal(folder)
+    elif case == "rng state malformed":
+        state = json.loads((folder / ckpt.STATE).read_text())
+        state["rng"]["numpy_pos"] = "x"
+        (folder / ckpt.STATE).write_text(json.dumps(state))
+        reseal(folder)
+    elif case == "empty optimizer.safetensors":
+        save_file({}, str(folder / ckpt.OPTIM_TENSORS))
+        reseal(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["absolute path", "../ path", "empty file list", "entry not an object",
+                                  "optimizer.json malformed", "trainer state malformed", "rng state malformed",
+                                  "empty optimizer.safetensors"])
+def test_checkpoint_manifest_lists_exactly_what_is_read_and_malformed_state_is_one_line(env, tmp_path, capsys, case):
+    folder = _tampered(env, tmp_path, case)
+    out = tmp_path / "new"
+    bad(["train", *env["args"], "steps=9", "--out", out, "--resume", folder], [folder.parents[1], out],
+        "checkpoint", capsys)
+    if case in ("absolute path", "../ path", "empty file list", "entry not an object"):
+        bad(["generate", folder, "--prompt", "a", "--max-new-tokens", "2"], [folder.parents[1]], "", capsys)
+        bad(["eval", folder, *env["base"][:2]], [folder.parents[1]], "", capsys)

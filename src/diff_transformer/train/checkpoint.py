@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from ..config import ModelConfig
 from ..fileio import sha256_file
 from ..errors import UserError
+from ..data.tokenizer import BPE_FILE, META_FILE, TIKTOKEN_FILE, saved_tokenizer_files
 from ..serialization import CONFIG_NAME, WEIGHTS_NAME, config_bytes, load_config, save_weights
 
 MARKER = "COMPLETE"
@@ -269,6 +270,9 @@ def verify(path) -> dict:
                                   f"{marker.get('manifest_sha256')}: the checkpoint is corrupt; resume from an earlier one")
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
+        _check_listing(path, files)
+    except CheckpointError:
+        raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"checkpoint {path}: unreadable {MARKER} or {MANIFEST} ({e}): resume from an earlier one") from None
     for name, entry in sorted(files.items()):
@@ -281,7 +285,32 @@ def verify(path) -> dict:
                 f"checkpoint {path}: file {name} has SHA-256 {actual}, the manifest says {entry['sha256']}: "
                 "the file is corrupt; resume from an earlier checkpoint"
             )
+    named = [p.name for p in saved_tokenizer_files(path)]  # read only now that tokenizer_meta.json verified
+    if not set(named) <= set(files):
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} does not list the tokenizer files {sorted(named)}: "
+                              "the checkpoint was altered; resume from an earlier one")
     return manifest
+
+
+REQUIRED = (WEIGHTS_NAME, CONFIG_NAME, OPTIM_TENSORS, OPTIM_META, RNG, STATE)  # what load_checkpoint reads
+
+
+def _check_listing(path: Path, files) -> None:
+    """The manifest lists exactly the files a load reads: plain names in the folder, every required file,
+    and the tokenizer files when the folder holds a tokenizer (load() reads them too)."""
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("sha256"), str)
+                                              for e in files.values()):
+        raise TypeError("'files' must map file names to {'sha256': ...}")
+    allowed = set(REQUIRED) | {META_FILE, BPE_FILE, TIKTOKEN_FILE}
+    stray = sorted(n for n in files if n not in allowed)
+    missing = sorted(n for n in REQUIRED if n not in files)
+    if (path / META_FILE).exists() and META_FILE not in files:
+        missing.append(META_FILE)
+    if stray or missing:
+        what = "; ".join(([f"names files a checkpoint does not hold {stray[:3]}"] if stray else []) +
+                         ([f"does not list {missing}"] if missing else []))
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} {what}: the checkpoint was altered or is not one "
+                              "of this project's; resume from an earlier one")
 
 
 def latest_valid(run_dir, warn: Callable[[str], None] | None = None) -> Path | None:
@@ -333,14 +362,54 @@ def load_checkpoint(path, *, verified: bool = False) -> Checkpoint:
         optim_meta = json.loads((path / OPTIM_META).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: cannot read its JSON files ({e})") from None
+    try:
+        _check_trainer_state(path, trainer_state)
+        optimizer_state = unflatten_optimizer(_load_tensors(path / OPTIM_TENSORS), optim_meta)
+        if not (isinstance(optimizer_state["param_groups"], list)
+                and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in optimizer_state["param_groups"])):
+            raise ValueError("param_groups must be a list of groups with their 'params'")
+        rng_tensors = _load_tensors(path / RNG)
+        _check_rng(rng_tensors, trainer_state["rng"])
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"checkpoint {path}: malformed {OPTIM_META}, {STATE} or {RNG} ({type(e).__name__}: "
+                              f"{str(e)[:200]}): resume from an earlier checkpoint") from None
     return Checkpoint(
         path=path,
         model_config=model_config,
         model_state=_load_tensors(path / WEIGHTS_NAME),
-        optimizer_state=unflatten_optimizer(_load_tensors(path / OPTIM_TENSORS), optim_meta),
+        optimizer_state=optimizer_state,
         trainer_state=trainer_state,
-        rng_tensors=_load_tensors(path / RNG),
+        rng_tensors=rng_tensors,
     )
+
+
+def _check_trainer_state(path: Path, state) -> None:
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+
+    if not isinstance(state, dict) or not is_int(state.get("step")):
+        raise ValueError("'step' must be a non-negative integer")
+    if not all(is_int(state.get(k, 0)) for k in ("bad_steps_total", "consecutive_bad_steps")):
+        raise ValueError("the bad-step counters must be non-negative integers")
+    if not (state.get("last_rollback_to") is None or is_int(state["last_rollback_to"])):
+        raise ValueError("'last_rollback_to' must be null or a step")
+    if not (isinstance(state.get("metrics", []), list) and all(isinstance(m, dict) for m in state.get("metrics", []))):
+        raise ValueError("'metrics' must be a list of records")
+    if not isinstance(state.get("rng"), dict):
+        raise ValueError("'rng' must be an object")
+    if path.name.startswith(PREFIX) and path.name[len(PREFIX):].isdigit() and state["step"] != step_of(path):
+        raise ValueError(f"'step' is {state['step']} in a folder of step {step_of(path)}")
+
+
+def _check_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Restore the RNG states once and put the current ones back: raises what a resume would."""
+    saved_tensors, saved_meta = capture_rng()
+    try:
+        restore_rng(tensors, meta)
+    finally:
+        restore_rng(saved_tensors, saved_meta)
 
 
 def same_tokenizer(path, tokenizer) -> bool:

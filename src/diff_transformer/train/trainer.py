@@ -219,6 +219,13 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint {checkpoint.path} is of another model config "
                                        f"({'; '.join(diffs[:3])}): resume it with its own settings or start a new run")
         tied = self.run.model.tie_embeddings
+        opt, state = checkpoint.optimizer_state, checkpoint.trainer_state
+        params = {n for g in opt["param_groups"] for n in g["params"]}
+        if (not opt["state"] and state["step"] > state.get("bad_steps_total", 0)) or (
+                opt["state"] and params - set(opt["state"])):
+            raise ckpt.CheckpointError(f"checkpoint {checkpoint.path}: {ckpt.OPTIM_TENSORS} lacks the AdamW moments of "
+                                       f"{len(params - set(opt['state']))} of {len(params)} parameters after "
+                                       f"{state['step']} steps: resume from another checkpoint")
         try:
             set_model_state_dict(self.model, checkpoint.model_state, options=self._opts(strict=not tied))
             set_optimizer_state_dict(self.model, self.optimizer, checkpoint.optimizer_state, options=self._opts())
