@@ -331,3 +331,27 @@ def test_checkpoint_manifest_lists_exactly_what_is_read_and_malformed_state_is_o
     if case in ("absolute path", "../ path", "empty file list", "entry not an object"):
         bad(["generate", folder, "--prompt", "a", "--max-new-tokens", "2"], [folder.parents[1]], "", capsys)
         bad(["eval", folder, *env["base"][:2]], [folder.parents[1]], "", capsys)
+
+
+@pytest.mark.parametrize("change", [{"dtype": "<i1"}, {"dtype": "<u4"}, {"dtype": "<u4", "hash": False},
+                                    {"file": "../x.bin"}, {"tokens": 3}, {"manifest": "[]"}])
+def test_cache_manifest_is_validated(env, tmp_path, capsys, change):
+    cache = tmp_path / "cache"
+    shutil.copytree(env["cache"], cache)
+    folder = next(p for p in cache.iterdir() if p.is_dir() and not p.name.startswith("."))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if "dtype" in change:
+        manifest["dtype"] = change["dtype"]
+    if "file" in change:
+        manifest["train"]["file"] = change["file"]
+    if "tokens" in change:
+        manifest["val"]["tokens"] = change["tokens"]
+    text = change.get("manifest") or json.dumps(manifest)
+    (folder / "manifest.json").write_text(text)
+    if change.get("hash") is False:
+        (folder / "manifest.sha256").unlink(missing_ok=True)
+    elif (folder / "manifest.sha256").is_file():
+        (folder / "manifest.sha256").write_text(hashlib.sha256(text.encode()).hexdigest())
+    out = tmp_path / "new"
+    args = [a if a != str(env["cache"]) else str(cache) for a in env["args"]]
+    bad(["train", *args, "steps=3", "--out", out], [cache, out], "dataset cache", capsys)

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MANIFEST_HASH = "manifest.sha256"  # pins manifest.json (folders built before it existed are checked by content)
 SPLITS = ("train", "val")
 ENCODE_BATCH_CHARS = 4 << 20  # text handed to one encode_batch call: bounds memory, keeps threads busy
 
@@ -221,6 +222,7 @@ def _build(cfg: DataConfig, corpus: Corpus, settings: dict, key: str, folder: Pa
             "build_seconds": round(time.perf_counter() - t0, 3),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / MANIFEST_HASH).write_text(sha256_file(tmp / MANIFEST) + "\n")
         try:
             os.rename(tmp, folder)
         except OSError:
@@ -279,9 +281,14 @@ def _write_shard(path: Path, documents: Iterable[str], tokenizer: Tokenizer, dty
 def _open(folder: Path, reused: bool) -> Dataset:
     """Load a finished cache folder, checking every file against the manifest."""
     try:
+        if (folder / MANIFEST_HASH).is_file():
+            want, got = (folder / MANIFEST_HASH).read_text().strip(), sha256_file(folder / MANIFEST)
+            if want != got:
+                raise ValueError(f"{MANIFEST} has sha256 {got}, {MANIFEST_HASH} says {want[:64]}")
         manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{folder} is not a complete dataset cache ({e}): delete that folder to rebuild it") from e
+        _check_manifest(folder, manifest)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # ValueError: JSON too
+        raise UserError(f"{folder} is not a valid dataset cache ({str(e)[:300]}): delete that folder to rebuild it") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(
             f"{folder} has data format {manifest.get('format_version')}, this version reads {FORMAT_VERSION}: "
@@ -299,7 +306,33 @@ def _open(folder: Path, reused: bool) -> Dataset:
                 f"delete {folder} to rebuild it"
             )
     tokens = {s: np.memmap(folder / manifest[s]["file"], dtype=np.dtype(manifest["dtype"]), mode="r") for s in SPLITS}
-    return Dataset(folder, load_tokenizer(folder), tokens["train"], tokens["val"], manifest, reused)
+    tokenizer = load_tokenizer(folder)
+    if (tokenizer.vocab_size, tokenizer.eos_id) != (manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["eos_id"]):
+        raise UserError(f"{folder}: its tokenizer has {tokenizer.vocab_size} ids (EOS {tokenizer.eos_id}), its {MANIFEST} "
+                        f"says {manifest['tokenizer']['vocab_size']} (EOS {manifest['tokenizer']['eos_id']}): delete that "
+                        "folder to rebuild it")
+    return Dataset(folder, tokenizer, tokens["train"], tokens["val"], manifest, reused)
+
+
+def _check_manifest(folder: Path, manifest) -> None:
+    """Raise ValueError/TypeError/KeyError unless ``manifest`` describes shards this version wrote."""
+    if not isinstance(manifest, dict):
+        raise TypeError(f"{MANIFEST} is not an object")
+    vocab, eos = manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["eos_id"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (vocab, eos)) or not 0 <= eos < vocab <= 2**32:
+        raise ValueError(f"tokenizer vocab_size {vocab!r} / eos_id {eos!r} are not token counts")
+    want = "<u2" if vocab <= 1 << 16 else "<u4"  # what _build writes
+    if manifest["dtype"] != want:
+        raise ValueError(f"dtype {manifest['dtype']!r}: shards of a {vocab}-id tokenizer are {want!r}")
+    if manifest.get("key") != folder.name.rsplit("-", 1)[-1]:
+        raise ValueError(f"key {manifest.get('key')!r} is not the folder's")
+    names = list(manifest["tokenizer"]["files"]) + [manifest[s]["file"] for s in SPLITS]
+    if not all(isinstance(n, str) and n and Path(n).name == n and n not in (".", "..") for n in names):
+        raise ValueError(f"it names files outside the folder ({names})")
+    for s in SPLITS:
+        n = manifest[s]["tokens"]
+        if not isinstance(n, int) or (folder / manifest[s]["file"]).stat().st_size != n * int(want[-1]):
+            raise ValueError(f"{manifest[s]['file']} does not hold {n!r} tokens of {want}")
 
 
 @contextlib.contextmanager
