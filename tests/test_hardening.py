@@ -355,3 +355,53 @@ def test_cache_manifest_is_validated(env, tmp_path, capsys, change):
     out = tmp_path / "new"
     args = [a if a != str(env["cache"]) else str(cache) for a in env["args"]]
     bad(["train", *args, "steps=3", "--out", out], [cache, out], "dataset cache", capsys)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(env, tmp_path_factory):
+    pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("hf") / "hf"
+    assert main(["export", str(env["run"]), "--out", str(folder)]) == 0
+    return folder
+
+
+def _sharded(hf_dir: Path, dst: Path, weight_map_value: str | None = None) -> Path:
+    shutil.copytree(hf_dir, dst)
+    (dst / "model.safetensors").rename(dst / "model-00001-of-00001.safetensors")
+    names = load_file(str(dst / "model-00001-of-00001.safetensors")).keys()
+    shard = weight_map_value or "model-00001-of-00001.safetensors"
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: shard for n in names}}))
+    return dst
+
+
+@pytest.mark.parametrize("shard,needle", [("model-00002-of-00002.safetensors", "does not hold"),
+                                          ("../hf/model.safetensors", "not a file in"), ("/etc/hostname", "not a file in")])
+def test_import_index_naming_a_missing_or_outside_shard_is_one_line(hf_dir, tmp_path, capsys, shard, needle):
+    src = _sharded(hf_dir, tmp_path / "src", shard)
+    out = tmp_path / "out"
+    bad(["import", src, "--out", out], [src, out], needle, capsys)
+
+
+def test_import_with_a_garbage_tokenizer_imports_the_model_and_says_so(hf_dir, tmp_path, capsys):
+    src = _sharded(hf_dir, tmp_path / "src")
+    (src / "tokenizer.json").write_text('{"model": "garbage"}')
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["import", str(src), "--out", str(out)]) == 0
+    assert "the tokenizer was not imported" in capsys.readouterr().err
+    assert (out / "model.safetensors").is_file()
+
+
+def test_exported_and_imported_folders_follow_the_umask(env, hf_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "exp"
+        assert main(["export", str(env["run"]), "--out", str(out)]) == 0
+        imported = tmp_path / "imp"
+        assert main(["import", str(out), "--out", str(imported)]) == 0
+    finally:
+        os.umask(old)
+    for folder in (out, imported):
+        assert folder.stat().st_mode & 0o777 == 0o755
+        assert all(p.stat().st_mode & 0o777 == 0o644 for p in folder.iterdir()), \
+            {p.name: oct(p.stat().st_mode) for p in folder.iterdir()}

@@ -227,8 +227,8 @@ def cmd_import(args) -> int:
 
         try:
             tokenizer, note = BPETokenizer(tokenizers.Tokenizer.from_file(str(tokenizer_json))), None
-        except UserError as e:
-            note = f"the tokenizer was not imported ({e}); {out} holds the model only"
+        except Exception as e:  # UserError, or tokenizers' bare Exception for a malformed file
+            note = f"the tokenizer was not imported ({str(e)[:200]}); {out} holds the model only"
     with staged_folder(out) as tmp:  # renamed into place when whole
         model.save_pretrained(tmp)
         if tokenizer is not None:

@@ -44,6 +44,12 @@ def require_new_folder(out: Path) -> None:
         raise UserError(f"{out} already exists and is not an empty folder: choose a new --out folder")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def staged_folder(out: Path) -> Iterator[Path]:
     """Write a new folder all at once: yields a temporary sibling, renamed to ``out`` on success.
@@ -56,7 +62,10 @@ def staged_folder(out: Path) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: the finished folder follows the user's umask
         yield tmp
+        for p in tmp.rglob("*"):  # safetensors writes 0600: a model folder is for sharing
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_umask())
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.rename(tmp, out)

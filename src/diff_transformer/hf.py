@@ -419,7 +419,19 @@ def _load_safetensors(src: Path) -> dict[str, Tensor]:
     if single.is_file():
         return read(single)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map must map tensor names to shard file names")
+        except (ValueError, KeyError, TypeError) as e:  # ValueError: JSON, UTF-8
+            raise UserError(f"{index} is not a safetensors index ({e}): re-export the model with save_pretrained") from None
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not shard or Path(shard).name != shard or shard in (".", ".."):
+                raise UserError(f"{index} names the shard {shard!r}, which is not a file in {src}: shards must lie "
+                                "beside the index")
+            if not (src / shard).is_file():
+                raise UserError(f"{index} names the shard {shard}, which {src} does not hold: copy the whole folder")
         state: dict[str, Tensor] = {}
         for shard in shards:
             state.update(read(src / shard))
