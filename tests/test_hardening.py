@@ -405,3 +405,17 @@ def test_exported_and_imported_folders_follow_the_umask(env, hf_dir, tmp_path):
         assert folder.stat().st_mode & 0o777 == 0o755
         assert all(p.stat().st_mode & 0o777 == 0o644 for p in folder.iterdir()), \
             {p.name: oct(p.stat().st_mode) for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--temperature", "nan"], "--temperature"), (["--temperature", "-1"], "--temperature"),
+    (["--top-k", "0"], "--top-k"), (["--top-p", "1.5"], "--top-p"), (["--top-p", "nan"], "--top-p"),
+    (["--seed", "18446744073709551616"], "--seed"), (["--device", "cuda:7"], "--device"), (["--device", "tpu"], "--device")])
+def test_generate_options_each_named_in_one_line(env, capsys, argv, needle):
+    bad(["generate", env["run"], "--prompt", "a", "--max-new-tokens", "2", *argv], [env["run"]], needle, capsys)
+
+
+def test_eval_on_a_missing_cuda_device_is_one_line(env, capsys):
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    bad(["eval", env["run"], *env["base"][:2], "--device", "cuda:7"], [env["run"]], "--device", capsys)

@@ -9,6 +9,7 @@ nothing on disk overwritten); 3 training diverged (non-finite steps, no rollback
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -87,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands ----------------------------------------------------------------------------------------
+def _check_device(device: str) -> None:
+    """--device names a device this machine has (one line instead of torch's traceback)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r} is not a device: use cpu or cuda[:N]") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {device}: this machine has no such CUDA device (torch.cuda.is_available() is "
+                        f"{torch.cuda.is_available()}); use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: use cpu or cuda[:N]")
+
+
 def _run_config(args, from_preset):
     """The RunConfig named by --config or --preset (None if neither), before --set."""
     from .train.config import RunConfig
@@ -156,6 +172,7 @@ def cmd_compare(args) -> int:
 def cmd_eval(args) -> int:
     from .train.evaluate import evaluate_run
 
+    _check_device(args.device)
     res = evaluate_run(args.run_dir, max_batches=args.batches, data_cache=args.data_cache, device=args.device)
     print(f"{res['checkpoint']}: step {res['step']}, val loss {res['val_loss']:.4f}, "
           f"perplexity {res['val_ppl']:.2f} ({res['tokens']:,} tokens)")
@@ -171,9 +188,15 @@ def cmd_generate(args) -> int:
         raise UserError("--prompt is empty: give some text to continue")
     if args.max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.temperature < 0 or (args.top_k is not None and args.top_k <= 0) or (
-            args.top_p is not None and not 0 < args.top_p <= 1):
-        raise UserError("--temperature must be >= 0, --top-k positive and --top-p in (0, 1]")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k <= 0:
+        raise UserError(f"--top-k must be a positive number of tokens, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must lie in [0, 2**63), got {args.seed}")
+    _check_device(args.device)
     model, tokenizer = load(args.run_dir, device=args.device)
     limit = model.config.max_seq_len
     if args.max_new_tokens >= limit:
