@@ -419,3 +419,87 @@ def test_eval_on_a_missing_cuda_device_is_one_line(env, capsys):
     if torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
     bad(["eval", env["run"], *env["base"][:2], "--device", "cuda:7"], [env["run"]], "--device", capsys)
+
+
+# 14 and what a newcomer tripped on -----------------------------------------------------------------------------
+def test_sigterm_during_the_final_save_exits_0(env, tmp_path, monkeypatch, capsys):
+    orig = ckpt.commit
+
+    def commit(path):
+        orig(path)
+        if ckpt.step_of(Path(path)) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler takes it: the run is complete
+
+    monkeypatch.setattr(ckpt, "commit", commit)
+    out = tmp_path / "final"
+    assert main(["train", *env["args"], "steps=6", "--out", str(out)]) == 0
+    assert "done: 6 steps" in capsys.readouterr().out
+
+
+def test_ctrl_c_saves_like_sigterm_and_says_how_to_resume(env, tmp_path):
+    out = tmp_path / "int"
+    src = str(Path(__file__).parents[1] / "src")
+    proc = subprocess.Popen([sys.executable, "-m", "diff_transformer.cli", "train", *env["args"], "steps=100000",
+                             "eval_every=0", "ckpt_every=0", "--out", str(out)],
+                            env={**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / rundir.METRICS_FILE
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            metrics.is_file() and '"train"' in metrics.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped by SIGINT" in err and "rerun the same command" in err and "Traceback" not in err
+    assert len(ckpt.complete_checkpoints(out)) == 1
+
+
+def test_half_precision_weights_load_with_a_warning(model_dir, tmp_path, capsys):
+    folder = tmp_path / "m16"
+    shutil.copytree(model_dir, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({k: v.half() for k, v in state.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    r = cli("generate", folder, "--prompt", "a", "--max-new-tokens", "2")  # warnings as the user sees them
+    err = r.stderr
+    assert r.returncode == 0, err
+    assert any(line.startswith("warning: ") and "float16" in line for line in err.splitlines()), err
+
+
+def test_null_jsonl_rows_are_counted_in_a_warning(env, tmp_path, capsys):
+    rows = [{"text": f"document {i} " + "some words here " * 40} for i in range(6)] + [{"text": None}] * 3
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = cli("train", "--preset", "tiny", "--data-cache", tmp_path / "cache", "--no-progress", "--set",
+            *TINY, f"data.source={corpus}", "steps=1", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert "warning: " + str(corpus) + ": 3 row(s) with 'text' null were skipped" in r.stderr.splitlines()
+
+
+def test_resume_after_the_corpus_changed_warns(env, tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(env["corpus"], corpus)
+    args = [a.replace(str(env["corpus"]), str(corpus)) for a in env["args"]]
+    out = tmp_path / "run"
+    assert main(["train", *args, "steps=3", "--out", str(out)]) == 0
+    (corpus / "doc00.txt").write_text((corpus / "doc00.txt").read_text() + " and a new sentence.")
+    capsys.readouterr()
+    assert main(["train", *args, "steps=3", "--out", str(out)]) == 0
+    assert "the training data changed since checkpoint" in capsys.readouterr().err
+
+
+def test_cli_help_version_and_warmup_warning(env, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert "argument parsing only" not in top and "Differential Transformer" in top
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("diff-transformer ")
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--max-new-tokens", "--top-k", "--top-p"):
+        assert text.split(option)[-1].split("--")[0].strip().split(" ", 1)[1:] != [], option
+    assert main(["train", *env["args"], "steps=1", "warmup_steps=5", "--out", str(tmp_path / "w")]) == 0
+    assert "train.warmup_steps=5 is more than the run's 1 steps" in capsys.readouterr().err

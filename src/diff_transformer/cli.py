@@ -3,8 +3,9 @@
 Exit codes: 0 done; 2 bad input (one line ``error: ...`` naming the problem and the fix, and
 nothing on disk overwritten); 3 training diverged (non-finite steps, no rollback left); 75 preempted
 (SIGTERM: the step was finished and a checkpoint saved; run the same command again to resume);
-130 interrupted with Ctrl-C.
+130 interrupted with Ctrl-C (during training: after the same save as SIGTERM).
 """
+
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ from pathlib import Path
 from .errors import UserError
 
 EXIT_INTERRUPTED = 130
+
+DESCRIPTION = ("The Differential Transformer and its matched baseline: train, compare, evaluate, sample, and "
+               "export to / import from Hugging Face transformers.")
+EPILOG = ("Exit codes: 0 done, 2 bad input (one 'error:' line, nothing changed), 3 training diverged, "
+          "75 stopped by SIGTERM (rerun to resume), 130 Ctrl-C. See COMMAND --help.")
 
 
 def _add_config_args(p: argparse.ArgumentParser, preset_help: str) -> argparse._MutuallyExclusiveGroup:
@@ -33,7 +39,8 @@ def _add_config_args(p: argparse.ArgumentParser, preset_help: str) -> argparse._
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diff-transformer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="diff-transformer", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train one model into a run directory (resumes a stopped run)")
@@ -63,10 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample text from a trained model, streaming tokens to stdout")
     p.add_argument("run_dir", type=Path, help="run directory, checkpoint folder or model folder")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=100,
+                   help="tokens to generate at most (stops earlier at end-of-text; default 100)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature >= 0; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the K most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: the smallest set of tokens with probability >= P, P in (0, 1] (default: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=cmd_generate)
@@ -85,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "diff_transformer.load or DiffTransformerLM.from_pretrained")
     p.set_defaults(func=cmd_import)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diff-transformer")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 # Commands ----------------------------------------------------------------------------------------
@@ -262,8 +280,15 @@ def cmd_import(args) -> int:
     return 0
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import warnings
+
+    warnings.formatwarning = _format_warning  # one "warning: ..." line, not a source location
     from .train.trainer import Preempted, TrainingDiverged
 
     try:

@@ -79,6 +79,13 @@ def load_state(model, state: dict[str, torch.Tensor], source: str = "state") -> 
             k = kinds[0]
             details.append(f"dtype of {k}: {state[k].dtype} in {source}, {expected[k].dtype} in the model")
         raise ValueError(f"{source} does not match the model config ({'; '.join(details)})")
+    cast = sorted({str(v.dtype).removeprefix("torch.") for k, v in state.items()
+                   if k in expected and v.is_floating_point() and v.dtype != expected[k].dtype})
+    if cast:
+        import warnings
+
+        warnings.warn(f"{source} stores {', '.join(cast)} weights: they are converted to "
+                      f"{str(next(iter(expected.values())).dtype).removeprefix('torch.')} on loading", stacklevel=2)
     model.load_state_dict(state, strict=not model.config.tie_embeddings)
 
 

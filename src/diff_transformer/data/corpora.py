@@ -209,6 +209,7 @@ def _text_documents(files: list[Path]) -> Iterator[str]:
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+    nulls = 0
     with open(path, encoding="utf-8") as f:
         try:
             for lineno, line in enumerate(f, 1):
@@ -230,10 +231,15 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
                         f"line {lineno} of {path}: field {field!r} is a {type(text).__name__}, not text: "
                         "set text_field to a string field"
                     )
+                nulls += text is None
                 if text and text.strip():
                     yield text
         except UnicodeDecodeError as e:
             raise UserError(f"{path} is not UTF-8 text ({e}): convert it to UTF-8") from e
+    if nulls:
+        import warnings
+
+        warnings.warn(f"{path}: {nulls} row(s) with {field!r} null were skipped", stacklevel=2)
 
 
 def _parquet():

@@ -53,6 +53,7 @@ from .parallelize import (DistInfo, all_reduce, barrier, choose, destroy_distrib
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT); the step is finished and saved as for SIGTERM
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the run saved a checkpoint and resumes when rerun
 
 
@@ -61,9 +62,11 @@ class Preempted(Exception):
 
     exit_code = EXIT_PREEMPTED
 
-    def __init__(self, step: int, path: Path):
-        super().__init__(f"stopped by SIGTERM after step {step}; checkpoint {path} saved: rerun the same command to resume")
+    def __init__(self, step: int, path: Path, signame: str = "SIGTERM"):
+        super().__init__(f"stopped by {signame} after step {step}; checkpoint {path} saved: rerun the same command to resume")
         self.step, self.path = step, path
+        if signame == "SIGINT":
+            self.exit_code = EXIT_INTERRUPTED  # Ctrl-C: the shell's code for it, after the same save as SIGTERM
 
 
 class TrainingDiverged(RuntimeError):
@@ -190,6 +193,7 @@ class Trainer:
         self.last_saved_step: int | None = None
         self._good_since_rollback = True  # no periodic save of a rolled-back state before a good step
         self._stop_requested = False
+        self._stop_signal = "SIGTERM"
         self._train_time = 0.0
         self._session_tokens = 0
         self._tb = None
@@ -208,6 +212,7 @@ class Trainer:
         return {"step": self.step, "tokens_seen": self.step * self.cfg.tokens_per_step,
                 "bad_steps_total": self.bad_total, "consecutive_bad_steps": self.consecutive_bad,
                 "last_rollback_to": self.last_rollback_to, "world_size": self.dist.world_size,
+                "data_key": (getattr(self.dataset, "manifest", None) or {}).get("key"),
                 "metrics": self.metrics, "run": self.run.to_dict()}
 
     def load_weights(self, checkpoint: ckpt.Checkpoint) -> None:
@@ -395,6 +400,11 @@ class Trainer:
     # Loop -------------------------------------------------------------------------------------
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_requested = True
+        self._stop_signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:  # a second Ctrl-C stops at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.log("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop at once, "
+                     "losing the steps since the last checkpoint)")
 
     def _stop_agreed(self) -> bool:
         """Whether any rank got SIGTERM (one process needs no device round trip)."""
@@ -416,6 +426,7 @@ class Trainer:
         previous = None
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            previous_int = signal.signal(signal.SIGINT, self._on_sigterm)
         reset_peak_memory(self.device)
         bar = None
         if self.progress:
@@ -472,14 +483,15 @@ class Trainer:
                 if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not self.consecutive_bad
                         and self._good_since_rollback) or self.step == self.total_steps:
                     self.save()
-                if self._stop_agreed():
+                if self._stop_agreed() and self.step < self.total_steps:  # at the end: complete, exit 0
                     path = self.save()
-                    raise Preempted(self.step, path)
+                    raise Preempted(self.step, path, self._stop_signal)
         finally:
             if bar is not None:
                 bar.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+                signal.signal(signal.SIGINT, previous_int)
             if self._tb is not None:
                 self._tb.close()
                 self._tb = None
@@ -503,6 +515,9 @@ def run_training(run: RunConfig, run_dir, *, resume: str | Path | None = "auto",
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_dir = Path(run_dir)
     validate_size(run.model, training=True)  # before the data is prepared
+    if run.train.warmup_steps > run.train.total_steps and os.environ.get("RANK", "0") == "0":
+        log(f"warning: train.warmup_steps={run.train.warmup_steps} is more than the run's {run.train.total_steps} "
+            "steps: the learning rate never reaches train.lr; lower train.warmup_steps")
     started_group = not torch.distributed.is_initialized()
     info = init_distributed(run.train.device)
     try:
@@ -512,17 +527,21 @@ def run_training(run: RunConfig, run_dir, *, resume: str | Path | None = "auto",
         # else a fine-tuned model keeps its (possibly padded) vocabulary; load_initial_weights checks it
         quiet = (lambda msg: None) if not info.is_main else (lambda msg: log(f"warning: {msg}"))
 
-        def start_checkpoint(trainer=None):
+        def start_checkpoint(existing=None):
             same_run = rundir.check_output_dir(run_dir, run)
             start = rundir.resolve_resume(run_dir, resume, same_run, quiet)
             checkpoint = ckpt.load_checkpoint(start, verified=True) if start is not None else None
-            trainer = trainer or Trainer(run, dataset, run_dir, dist=info, progress=progress,
-                                         log=log if info.is_main else quiet)
+            trainer = existing or Trainer(run, dataset, run_dir, dist=info, progress=progress,
+                                          log=log if info.is_main else quiet)
             if checkpoint is not None:
                 trainer.load_weights(checkpoint)  # refuses another model config before anything is written
                 if not ckpt.same_tokenizer(checkpoint.path, dataset.tokenizer):
                     raise ckpt.CheckpointError(f"checkpoint {checkpoint.path} was trained with another tokenizer than "
                                                "this run's data makes: resume with the data settings it was trained with")
+                key = checkpoint.trainer_state.get("data_key")
+                if existing is not None and key not in (None, dataset.manifest.get("key")):
+                    quiet(f"the training data changed since checkpoint {checkpoint.path} (token shards "
+                          f"{key}, now {dataset.manifest.get('key')}): the run continues on the new data")
             return trainer, checkpoint
 
         trainer, checkpoint = start_checkpoint()  # every check before the folder is touched
