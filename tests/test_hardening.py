@@ -338,7 +338,7 @@ def test_checkpoint_manifest_lists_exactly_what_is_read_and_malformed_state_is_o
 def test_cache_manifest_is_validated(env, tmp_path, capsys, change):
     cache = tmp_path / "cache"
     shutil.copytree(env["cache"], cache)
-    folder = next(p for p in cache.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folder = next(p for p in cache.iterdir() if p.is_dir() and p.name.startswith("corpus-byte-"))
     manifest = json.loads((folder / "manifest.json").read_text())
     if "dtype" in change:
         manifest["dtype"] = change["dtype"]
@@ -503,3 +503,43 @@ def test_cli_help_version_and_warmup_warning(env, tmp_path, capsys):
         assert text.split(option)[-1].split("--")[0].strip().split(" ", 1)[1:] != [], option
     assert main(["train", *env["args"], "steps=1", "warmup_steps=5", "--out", str(tmp_path / "w")]) == 0
     assert "train.warmup_steps=5 is more than the run's 1 steps" in capsys.readouterr().err
+
+
+# The property: every loader, fed mutated files, exits 0 or 2 with one line; never a traceback or hang ---------
+FUZZ_CASES = int(os.environ.get("FUZZ_CASES", "300"))  # about 10 s; each case is a fresh mutation
+
+
+def test_loaders_fed_mutated_files_exit_0_or_2_with_one_line(env, model_dir, tmp_path):
+    import resource
+
+    root = tmp_path / "fuzz"
+    root.mkdir()
+    shutil.copytree(env["run"], root / "run")
+    shutil.copytree(model_dir, root / "model")
+    shutil.copytree(env["cache"], root / "cache")
+    shutil.copytree(env["corpus"], root / "corpus")
+
+    def limit_memory():  # unbounded allocation shows up as a MemoryError traceback instead of swapping
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+    src = str(Path(__file__).parents[1] / "src")
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("fuzz_loaders.py")), str(root), "12",
+                        str(FUZZ_CASES)], env={**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=600, preexec_fn=limit_memory)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == FUZZ_CASES
+    failures = []
+    for case in results:
+        errors = [line for line in case["stderr"].splitlines() if line.startswith("error: ")]
+        ok = case["code"] == 0 or (case["code"] == 2 and len(errors) == 1 and "Traceback" not in case["stderr"]
+                                   and case["unchanged"]) or (  # a resumed run that diverges: exit 3, one line
+            case["code"] == 3 and case["loader"] == "train" and len(errors) == 1 and "Traceback" not in case["stderr"])
+        right = {"generate": "a", "eval": "val loss", "train": "done:"}[case["loader"]]  # exit 0: the right result
+        if case["code"] == 0 and not (case["stdout"].startswith(right) if right == "a" else right in case["stdout"]):
+            ok = False
+        if not ok or case["seconds"] > 60:
+            failures.append(case)
+    assert not failures, json.dumps(failures[:3], indent=1)
+    assert {c["kind"] for c in results} == {"checkpoint", "model", "tokenizer", "cache"}
+    assert any(c["code"] == 2 for c in results)

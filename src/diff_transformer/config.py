@@ -199,7 +199,9 @@ def _fits(value: Any, tp: Any) -> bool:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool) and -_INT_LIMIT <= value < _INT_LIMIT
     if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e300 and math.isfinite(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return -_INT_LIMIT <= value < _INT_LIMIT  # torch converts it through int64
+        return isinstance(value, float) and abs(value) < 1e300 and math.isfinite(value)
     if tp is str:
         return isinstance(value, str)
     return True

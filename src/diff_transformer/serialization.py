@@ -79,6 +79,7 @@ def load_state(model, state: dict[str, torch.Tensor], source: str = "state") -> 
             k = kinds[0]
             details.append(f"dtype of {k}: {state[k].dtype} in {source}, {expected[k].dtype} in the model")
         raise ValueError(f"{source} does not match the model config ({'; '.join(details)})")
+    check_finite(state, source)
     cast = sorted({str(v.dtype).removeprefix("torch.") for k, v in state.items()
                    if k in expected and v.is_floating_point() and v.dtype != expected[k].dtype})
     if cast:
@@ -87,6 +88,14 @@ def load_state(model, state: dict[str, torch.Tensor], source: str = "state") -> 
         warnings.warn(f"{source} stores {', '.join(cast)} weights: they are converted to "
                       f"{str(next(iter(expected.values())).dtype).removeprefix('torch.')} on loading", stacklevel=2)
     model.load_state_dict(state, strict=not model.config.tie_embeddings)
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN or infinite weights: a damaged file (or a diverged run) is never loaded silently."""
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise ValueError(f"{source} holds NaN or infinite values in {bad[:3]}{'...' if len(bad) > 3 else ''}: "
+                         "the file is damaged or the model diverged")
 
 
 def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], *, device="cpu", source: str = "state"):

@@ -326,6 +326,9 @@ def _check_manifest(folder: Path, manifest) -> None:
         raise ValueError(f"dtype {manifest['dtype']!r}: shards of a {vocab}-id tokenizer are {want!r}")
     if manifest.get("key") != folder.name.rsplit("-", 1)[-1]:
         raise ValueError(f"key {manifest.get('key')!r} is not the folder's")
+    hashes = list(manifest["tokenizer"]["files"].values()) + [manifest[s]["sha256"] for s in SPLITS]
+    if not all(isinstance(h, str) for h in hashes):
+        raise ValueError("its sha256 entries are not strings")
     names = list(manifest["tokenizer"]["files"]) + [manifest[s]["file"] for s in SPLITS]
     if not all(isinstance(n, str) and n and Path(n).name == n and n not in (".", "..") for n in names):
         raise ValueError(f"it names files outside the folder ({names})")

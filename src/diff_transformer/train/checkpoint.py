@@ -38,7 +38,7 @@ from ..config import ModelConfig
 from ..fileio import sha256_file
 from ..errors import UserError
 from ..data.tokenizer import BPE_FILE, META_FILE, TIKTOKEN_FILE, saved_tokenizer_files
-from ..serialization import CONFIG_NAME, WEIGHTS_NAME, config_bytes, load_config, save_weights
+from ..serialization import CONFIG_NAME, WEIGHTS_NAME, check_finite, config_bytes, load_config, save_weights
 
 MARKER = "COMPLETE"
 MANIFEST = "manifest.json"
@@ -370,6 +370,10 @@ def load_checkpoint(path, *, verified: bool = False) -> Checkpoint:
             raise ValueError("param_groups must be a list of groups with their 'params'")
         rng_tensors = _load_tensors(path / RNG)
         _check_rng(rng_tensors, trainer_state["rng"])
+        model_state = _load_tensors(path / WEIGHTS_NAME)
+        check_finite(model_state, str(path / WEIGHTS_NAME))
+        check_finite({f"{p}/{k}": v for p, s in optimizer_state["state"].items() for k, v in s.items()
+                      if isinstance(v, torch.Tensor)}, str(path / OPTIM_TENSORS))
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as e:
@@ -378,7 +382,7 @@ def load_checkpoint(path, *, verified: bool = False) -> Checkpoint:
     return Checkpoint(
         path=path,
         model_config=model_config,
-        model_state=_load_tensors(path / WEIGHTS_NAME),
+        model_state=model_state,
         optimizer_state=optimizer_state,
         trainer_state=trainer_state,
         rng_tensors=rng_tensors,
