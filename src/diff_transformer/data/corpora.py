@@ -239,7 +239,7 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
     if nulls:
         import warnings
 
-        warnings.warn(f"{path}: {nulls} row(s) with {field!r} null were skipped", stacklevel=2)
+        warnings.warn(f"{path}: {nulls} row(s) with {field!r} null were skipped")  # one location: shown once
 
 
 def _parquet():
