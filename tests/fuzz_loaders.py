@@ -94,7 +94,7 @@ def reseal(folder: Path, escape: str | None = None) -> None:
 def one_case(root: Path, work: Path, rng: random.Random) -> dict:
     base = ["--data-cache", str(root / "cache"), "--no-progress"]
     train = ["train", "--preset", "tiny", *base, "--set", *TINY, f"data.source={root / 'corpus'}"]
-    kind = rng.choice(["checkpoint", "checkpoint", "model", "tokenizer", "cache"])
+    kind = rng.choice(["checkpoint", "checkpoint", "model", "tokenizer", "cache", "config"])
     if kind == "checkpoint":
         folder = work / "run" / "checkpoints" / "step_00000006"
         shutil.copytree(root / "run" / "checkpoints" / "step_00000006", folder)
@@ -129,6 +129,14 @@ def one_case(root: Path, work: Path, rng: random.Random) -> dict:
         what = mutate_file(target, rng)
         watched = folder
         argv = [*train, f"data.tokenizer=saved:{folder}", "steps=1", "--out", str(work / "out")]
+    elif kind == "config":  # a run.json given to --config (and read back from --out on a resume)
+        folder = work / "cfg"
+        folder.mkdir()
+        shutil.copy(root / "run" / "run.json", folder / "run.json")
+        what = mutate_file(folder / "run.json", rng)
+        watched = folder
+        argv = ["train", "--config", str(folder / "run.json"), *base, "--set", f"data.source={root / 'corpus'}",
+                "steps=1", "--out", str(work / "out")]
     else:
         cache = work / "cache"
         shutil.copytree(root / "cache", cache)

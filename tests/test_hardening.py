@@ -541,5 +541,23 @@ def test_loaders_fed_mutated_files_exit_0_or_2_with_one_line(env, model_dir, tmp
         if not ok or case["seconds"] > 60:
             failures.append(case)
     assert not failures, json.dumps(failures[:3], indent=1)
-    assert {c["kind"] for c in results} == {"checkpoint", "model", "tokenizer", "cache"}
+    assert {c["kind"] for c in results} == {"checkpoint", "model", "tokenizer", "cache", "config"}
     assert any(c["code"] == 2 for c in results)
+
+
+@pytest.mark.parametrize("change,needle", [({"model": "abc"}, "JSON objects"), ({"train": 5}, "JSON objects"),
+                                           ({"preset": {}}, "preset")])
+def test_config_file_sections_of_the_wrong_type_are_one_line(env, tmp_path, capsys, change, needle):
+    data = {**json.loads((env["run"] / "run.json").read_text()), **change}
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(data))
+    out = tmp_path / "new"
+    bad(["train", "--config", config, *env["base"], "--out", out], [out], needle, capsys)
+
+
+def test_config_file_integer_betas_train(env, tmp_path):
+    data = json.loads((env["run"] / "run.json").read_text())
+    data["train"].update(beta1=0, steps=1)
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(data))
+    assert main(["train", "--config", str(config), *env["base"], "--out", str(tmp_path / "new")]) == 0

@@ -56,6 +56,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_field_types(TrainConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "train")
+        for name, tp in get_type_hints(TrainConfig).items():  # "beta1": 0 in a JSON file: torch wants floats
+            if tp is float and isinstance(getattr(self, name), int):
+                setattr(self, name, float(getattr(self, name)))
         _check_literals(self)
         for name in ("batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last", "log_every", "max_bad_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
@@ -154,6 +157,11 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown section(s) {unknown}; expected {list(SECTIONS)} and 'preset'")
         name = d.get("preset")
+        not_objects = [s for s in SECTIONS if not isinstance(d.get(s, {}), dict)]
+        if not_objects:
+            raise ConfigError(f"{source}: section(s) {not_objects} must be JSON objects of field: value")
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"{source}: 'preset' must be a preset name or null, got {name!r}")
         model = dict(d.get("model", {}))
         base = dict(PRESETS[name]) if name and preset(name) else {}  # raw: derived fields follow the file's values
         try:
