@@ -561,3 +561,22 @@ def test_config_file_integer_betas_train(env, tmp_path):
     config = tmp_path / "run.json"
     config.write_text(json.dumps(data))
     assert main(["train", "--config", str(config), *env["base"], "--out", str(tmp_path / "new")]) == 0
+
+
+def test_write_failures_of_run_files_and_metrics_are_one_line(env, tmp_path, monkeypatch, capsys):
+    from diff_transformer.train import trainer as trainer_mod
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rundir, "write_run_files", full)
+    bad(["train", *env["args"], "steps=3", "--out", tmp_path / "a"], [], "No space left on device", capsys)
+    monkeypatch.undo()
+
+    def open_(path, *args, **kwargs):
+        if Path(path).name == rundir.METRICS_FILE and args[:1] == ("a",):
+            raise OSError(28, "No space left on device")
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "open", open_, raising=False)
+    bad(["train", *env["args"], "steps=3", "--out", tmp_path / "b"], [], "metrics.jsonl", capsys)

@@ -297,8 +297,12 @@ class Trainer:
         self.metrics.append(entry)
         if not self.dist.is_main:
             return
-        with open(self.run_dir / rundir.METRICS_FILE, "a") as f:
-            f.write(json.dumps(rundir.json_safe(entry), sort_keys=True, allow_nan=False) + "\n")
+        try:
+            with open(self.run_dir / rundir.METRICS_FILE, "a") as f:
+                f.write(json.dumps(rundir.json_safe(entry), sort_keys=True, allow_nan=False) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot write {self.run_dir / rundir.METRICS_FILE} ({e.strerror or e}): free some space "
+                            "(or fix the folder's permissions) and rerun the same command to resume") from None
         if self._tb is not None:
             for key, value in entry.items():
                 if isinstance(value, (int, float)) and key != "step":
@@ -552,7 +556,11 @@ def run_training(run: RunConfig, run_dir, *, resume: str | Path | None = "auto",
             barrier(info)
             trainer, checkpoint = start_checkpoint(trainer)  # again under the lock: another process may have run
             if info.is_main:
-                rundir.write_run_files(run_dir, run, dataset.tokenizer)
+                try:
+                    rundir.write_run_files(run_dir, run, dataset.tokenizer)
+                except OSError as e:
+                    raise UserError(f"cannot write the run files into --out {run_dir} ({e.strerror or e}): free some "
+                                    "space or choose a writable folder") from None
                 if checkpoint is not None and resume not in ("auto", "require", None):
                     for p in ckpt.remove_after(run_dir, checkpoint.step):  # --resume PATH replaces later ones
                         log(f"warning: removed checkpoint {p.name}: the run continues from {checkpoint.path}")
