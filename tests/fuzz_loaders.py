@@ -94,7 +94,8 @@ def reseal(folder: Path, escape: str | None = None) -> None:
 def one_case(root: Path, work: Path, rng: random.Random) -> dict:
     base = ["--data-cache", str(root / "cache"), "--no-progress"]
     train = ["train", "--preset", "tiny", *base, "--set", *TINY, f"data.source={root / 'corpus'}"]
-    kind = rng.choice(["checkpoint", "checkpoint", "model", "tokenizer", "cache", "config"])
+    kind = rng.choice(["checkpoint", "checkpoint", "model", "tokenizer", "cache", "config"]
+                      + (["hf"] if (root / "hf").is_dir() else []))
     if kind == "checkpoint":
         folder = work / "run" / "checkpoints" / "step_00000006"
         shutil.copytree(root / "run" / "checkpoints" / "step_00000006", folder)
@@ -108,7 +109,7 @@ def one_case(root: Path, work: Path, rng: random.Random) -> dict:
             what += f", resealed{' + ' + escape if escape else ''}"
         watched = work / "run"
         argv = rng.choice([["generate", str(folder), "--prompt", "a", "--max-new-tokens", "2"],
-                           ["eval", str(folder), *base[:2]],
+                           ["eval", str(folder), *base[:2]], ["export", str(folder), "--out", str(work / "out")],
                            [*train, "steps=9", "--out", str(work / "out"), "--resume", str(folder)]])
     elif kind == "model":
         folder = work / "model"
@@ -117,6 +118,7 @@ def one_case(root: Path, work: Path, rng: random.Random) -> dict:
         what = mutate_file(target, rng)
         watched = folder
         argv = rng.choice([["generate", str(folder), "--prompt", "a", "--max-new-tokens", "2"],
+                           ["export", str(folder), "--out", str(work / "out")],
                            ["train", "--init-from", str(folder), *base, "--set", f"data.source={root / 'corpus'}",
                             "batch_size=4", "seq_len=16", "steps=1", "eval_batches=1", "--out", str(work / "out")]])
     elif kind == "tokenizer":
@@ -129,6 +131,12 @@ def one_case(root: Path, work: Path, rng: random.Random) -> dict:
         what = mutate_file(target, rng)
         watched = folder
         argv = [*train, f"data.tokenizer=saved:{folder}", "steps=1", "--out", str(work / "out")]
+    elif kind == "hf":  # a transformers folder given to import
+        folder = work / "hf"
+        shutil.copytree(root / "hf", folder)
+        what = mutate_file(rng.choice(sorted(folder.iterdir())), rng)
+        watched = folder
+        argv = ["import", str(folder), "--out", str(work / "out")]
     elif kind == "config":  # a run.json given to --config (and read back from --out on a resume)
         folder = work / "cfg"
         folder.mkdir()

@@ -454,8 +454,9 @@ def import_hf(src_dir: str | os.PathLike) -> tuple[DiffTransformerLM, Path | Non
     tf = _transformers()
     try:
         hf_cfg = tf.AutoConfig.from_pretrained(str(src))
-    except (ValueError, KeyError, OSError) as e:
-        raise UserError(f"transformers cannot read {src / 'config.json'}: {e}") from e
+    except Exception as e:  # transformers/huggingface_hub raise their own validation errors for bad values
+        first = " ".join(str(e).split())[:300]
+        raise UserError(f"transformers cannot read {src / 'config.json'}: {first}") from None
     config = config_from_hf(hf_cfg)
     state = _load_safetensors(src)
     model = _model_from_state(config, state_from_hf(config, state, str(src)), str(src))
