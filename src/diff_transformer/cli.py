@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="run directory (new, empty, or this same run to resume)")
     p.add_argument("--resume", nargs="?", const="require", default="auto", metavar="PATH",
                    help="resume: without PATH the run in --out (it must have a checkpoint); with PATH that "
-                        "checkpoint or run directory. Without --resume a run in --out with the same config resumes too")
+                        "checkpoint or run directory (checkpoints of --out after its step are replaced). Without "
+                        "--resume a run in --out with the same config resumes too")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("compare", help="train the matched DIFF model and baseline over several seeds")
