@@ -52,6 +52,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/compare-<preset>)")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("sweep", help="train named variants over seeds (and lrs); paired comparison to a reference")
+    _add_config_args(p, "model preset (default tiny, with compare's CPU-sized training budget)")
+    p.add_argument("--variants", required=True,
+                   help="comma-separated variant names (diff_transformer.variants), e.g. baseline,diff,diff-no-norm")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (default 1 2 3)")
+    p.add_argument("--lrs", type=float, nargs="+", default=None, help="peak learning rates to sweep (default: the config's)")
+    p.add_argument("--reference", default=None,
+                   help="variant every other is compared with, paired by seed (default baseline if swept, else the first)")
+    p.add_argument("--jobs", type=int, default=1, help="training processes at once (default 1)")
+    p.add_argument("--gpus", default=None,
+                   help="comma-separated GPU ids; process slot i gets CUDA_VISIBLE_DEVICES=gpus[i %% len(gpus)]")
+    p.add_argument("--out", type=Path, required=True, help="sweep folder (new, empty, or this same sweep to resume)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="one self-contained HTML page (and report.md) from sweep or compare folders")
+    p.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="sweep or compare output folders")
+    p.add_argument("--out", type=Path, default=Path("report.html"), help="HTML file to write (report.md goes beside it)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("eval", help="validation loss and perplexity of a run's newest checkpoint")
     p.add_argument("run_dir", type=Path, help="run directory or one of its checkpoints/step_* folders")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's eval_batches)")
@@ -150,6 +169,26 @@ def cmd_compare(args) -> int:
     run = apply_overrides(_run_config(args, default_run) or default_run("tiny"), args.overrides)
     out = args.out or Path("runs") / f"compare-{run.preset or 'custom'}"
     compare(run, out, seeds=args.seeds or DEFAULT_SEEDS, data_cache=args.data_cache, progress=not args.no_progress)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .train.compare import default_run
+    from .train.config import apply_overrides
+    from .train.sweep import sweep
+
+    run = apply_overrides(_run_config(args, default_run) or default_run("tiny"), args.overrides)
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    _, failures = sweep(run, args.out, variants=args.variants.split(","), seeds=args.seeds, lrs=args.lrs,
+                        reference=args.reference, jobs=args.jobs, gpus=gpus, data_cache=args.data_cache)
+    return 1 if failures else 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    html, md = write_report(args.dirs, args.out)
+    print(f"wrote {html} and {md}")
     return 0
 
 
