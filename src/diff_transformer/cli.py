@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train the matched DIFF model and baseline over several seeds")
     _add_config_args(p, "model preset (default tiny: the embedded default, about 10 minutes on 2 CPU cores)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 1 2 3)")
+    p.add_argument("--variants", default=None, metavar="A,B",
+                   help="compare two named variants (diff_transformer.variants), A minus B (default: the matched pair)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/compare-<preset>)")
     p.set_defaults(func=cmd_compare)
 
@@ -168,7 +170,9 @@ def cmd_compare(args) -> int:
 
     run = apply_overrides(_run_config(args, default_run) or default_run("tiny"), args.overrides)
     out = args.out or Path("runs") / f"compare-{run.preset or 'custom'}"
-    compare(run, out, seeds=args.seeds or DEFAULT_SEEDS, data_cache=args.data_cache, progress=not args.no_progress)
+    variants = args.variants.split(",") if args.variants else None
+    compare(run, out, seeds=args.seeds or DEFAULT_SEEDS, variants=variants, data_cache=args.data_cache,
+            progress=not args.no_progress)
     return 0
 
 
