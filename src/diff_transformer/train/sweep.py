@@ -261,15 +261,15 @@ def aggregate(jobs: list[Job], records: dict, *, reference: str, seeds: list[int
     for v in variants:
         for lr in lr_list:
             groups[_group_key(v, lr)] = _group(v, lr, seeds, by, reference)
-    best = {}
+    best_lr, best = {}, {}
     if lrs:
         for v in variants:
             cands = [(groups[_group_key(v, lr)]["val_loss_mean"], lr) for lr in lrs
                      if groups[_group_key(v, lr)]["val_loss_mean"] is not None]
             if cands:
-                best[v] = min(cands)[1]
-        for v, lr in best.items():
-            ref_lr = best.get(reference)
+                best_lr[v] = min(cands)[1]
+        for v, lr in best_lr.items():
+            ref_lr = best_lr.get(reference)
             ours = [(by[(v, lr, s)] or {}).get("final_val_loss") for s in seeds]
             ref = [(by[(reference, ref_lr, s)] or {}).get("final_val_loss") for s in seeds] if ref_lr else []
             best[v] = {"lr": lr, "val_loss_mean": groups[_group_key(v, lr)]["val_loss_mean"],
