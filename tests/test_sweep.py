@@ -248,3 +248,36 @@ def test_sweep_with_lrs_lays_out_lr_folders_and_best_lr(tmp_path, corpus, cache,
     losses = {lr: summary["groups"][f"diff@{lr:g}"]["val_loss_mean"] for lr in (1e-3, 3e-3)}
     assert best["lr"] == min(losses, key=losses.get)
     assert "own best lr" in text
+
+
+def test_sigterm_stops_every_run_with_a_checkpoint_and_the_rerun_finishes(tmp_path, corpus, cache):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sweep"
+    argv = [sys.executable, "-m", "diff_transformer.cli", "sweep", "--variants", "baseline,diff", "--seeds", "1",
+            "--jobs", "2", "--preset", "tiny", "--data-cache", str(cache), "--set", *TINY, "steps=400",
+            "eval_every=0", f"data.source={corpus}", "--out", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = [out / v / "seed_1" / "metrics.jsonl" for v in ("baseline", "diff")]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if all(m.is_file() and '"train"' in m.read_text() for m in metrics):
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert "rerun the same command to resume" in err
+    for v in ("baseline", "diff"):
+        stopped = sorted((out / v / "seed_1" / "checkpoints").glob("step_*"))
+        assert stopped and (stopped[-1] / "COMPLETE").is_file(), v
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    for v in ("baseline", "diff"):
+        assert "resuming from" in (out / v / "seed_1" / "train.log").read_text()
+        assert rundir.read_metrics(out / v / "seed_1")[-1]["step"] == 400

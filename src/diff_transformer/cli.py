@@ -179,12 +179,16 @@ def cmd_compare(args) -> int:
 def cmd_sweep(args) -> int:
     from .train.compare import default_run
     from .train.config import apply_overrides
-    from .train.sweep import sweep
+    from .train.sweep import SweepStopped, sweep
 
     run = apply_overrides(_run_config(args, default_run) or default_run("tiny"), args.overrides)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
-    _, failures = sweep(run, args.out, variants=args.variants.split(","), seeds=args.seeds, lrs=args.lrs,
-                        reference=args.reference, jobs=args.jobs, gpus=gpus, data_cache=args.data_cache)
+    try:
+        _, failures = sweep(run, args.out, variants=args.variants.split(","), seeds=args.seeds, lrs=args.lrs,
+                            reference=args.reference, jobs=args.jobs, gpus=gpus, data_cache=args.data_cache)
+    except SweepStopped as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
     return 1 if failures else 0
 
 

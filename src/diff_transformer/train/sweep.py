@@ -25,8 +25,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,6 +43,16 @@ from .stats import dumps, mean_std, paired_difference
 SWEEP_FILE = "sweep.json"
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "train.log"
+
+
+class SweepStopped(Exception):
+    """SIGTERM or Ctrl-C: the running trainings were sent SIGTERM (each saved a checkpoint) and waited for."""
+
+    exit_code = 75  # as a preempted `train`: rerun the same command to resume
+
+    def __init__(self, running: int):
+        super().__init__(f"sweep stopped; {running} running training(s) saved a checkpoint and stopped: "
+                         "rerun the same command to resume")
 
 
 @dataclasses.dataclass
@@ -139,8 +151,12 @@ def run_jobs(jobs: list[Job], *, n_parallel: int, gpus: Sequence[str] | None, da
         left = total - done
         return f"ETA {_fmt_seconds((time.monotonic() - start) / trained * left)}" if left else "done"
 
+    stop = []
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
     try:
-        while pending or running:
+        while (pending or running) and not stop:
             for slot in range(n_parallel):
                 if slot in running or not pending:
                     continue
@@ -161,7 +177,10 @@ def run_jobs(jobs: list[Job], *, n_parallel: int, gpus: Sequence[str] | None, da
                 cmd = [sys.executable, "-m", "diff_transformer.cli", "train", "--config", str(config),
                        "--out", str(job.run_dir), "--data-cache", str(data_cache), "--no-progress"]
                 with open(job.run_dir / LOG_FILE, "ab") as err:
-                    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+                    # A session of its own: Ctrl-C in a terminal reaches the sweep only, which stops each run
+                    # with SIGTERM (finish the step, save a checkpoint) instead of killing it mid-step.
+                    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env,
+                                            start_new_session=True)
                 where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else ""
                 log(f"[sweep] run {k} of {total}: {job.label}{where} -> {job.run_dir} ({eta()})")
                 running[slot] = (k, job, proc, time.monotonic())
@@ -183,11 +202,17 @@ def run_jobs(jobs: list[Job], *, n_parallel: int, gpus: Sequence[str] | None, da
             if running:
                 time.sleep(0.2)
     except KeyboardInterrupt:
-        for _, _, proc, _ in running.values():
-            proc.terminate()  # SIGTERM: each run finishes its step and saves a checkpoint
-        for _, _, proc, _ in running.values():
-            proc.wait()
-        raise
+        stop.append(signal.SIGINT)
+    finally:
+        if stop or sys.exc_info()[0] is not None:
+            for _, _, proc, _ in running.values():
+                proc.terminate()  # SIGTERM: each run finishes its step and saves a checkpoint
+            for _, _, proc, _ in running.values():
+                proc.wait()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if stop:
+        raise SweepStopped(len(running))
     return failures
 
 
