@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lrs", type=float, nargs="+", default=None, help="peak learning rates to sweep (default: the config's)")
     p.add_argument("--reference", default=None,
                    help="variant every other is compared with, paired by seed (default baseline if swept, else the first)")
-    p.add_argument("--jobs", type=int, default=1, help="training processes at once (default 1)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="training processes at once (default: one per --gpus entry, else 1); several may share a GPU")
     p.add_argument("--gpus", default=None,
                    help="comma-separated GPU ids; process slot i gets CUDA_VISIBLE_DEVICES=gpus[i %% len(gpus)]")
     p.add_argument("--out", type=Path, required=True, help="sweep folder (new, empty, or this same sweep to resume)")
@@ -185,7 +186,7 @@ def cmd_sweep(args) -> int:
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
     try:
         _, failures = sweep(run, args.out, variants=args.variants.split(","), seeds=args.seeds, lrs=args.lrs,
-                            reference=args.reference, jobs=args.jobs, gpus=gpus, data_cache=args.data_cache)
+                            reference=args.reference, jobs=args.jobs or len(gpus or [0]), gpus=gpus, data_cache=args.data_cache)
     except SweepStopped as e:
         print(str(e), file=sys.stderr)
         return e.exit_code
