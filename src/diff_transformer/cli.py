@@ -184,9 +184,10 @@ def cmd_sweep(args) -> int:
 
     run = apply_overrides(_run_config(args, default_run) or default_run("tiny"), args.overrides)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    jobs = len(gpus or [0]) if args.jobs is None else args.jobs
     try:
         _, failures = sweep(run, args.out, variants=args.variants.split(","), seeds=args.seeds, lrs=args.lrs,
-                            reference=args.reference, jobs=args.jobs or len(gpus or [0]), gpus=gpus, data_cache=args.data_cache)
+                            reference=args.reference, jobs=jobs, gpus=gpus, data_cache=args.data_cache)
     except SweepStopped as e:
         print(str(e), file=sys.stderr)
         return e.exit_code

@@ -117,8 +117,12 @@ def _check_out(out: Path, record: dict) -> None:
 
 
 def is_finished(job: Job) -> bool:
-    """The run reached its last step (its final checkpoint and summary record were written)."""
-    return read_run(job.run_dir, job.run)["complete"] if (job.run_dir / "metrics.jsonl").is_file() else False
+    """The run reached its last step: its summary record, or its final evaluation and checkpoint, were written."""
+    if not (job.run_dir / "metrics.jsonl").is_file():
+        return False
+    record = read_run(job.run_dir, job.run)
+    final = ckpt.checkpoint_path(job.run_dir, job.run.train.total_steps) / ckpt.MARKER
+    return record["complete"] or (record["final_val_loss"] is not None and final.is_file())
 
 
 def _last_line(path: Path) -> str:

@@ -301,6 +301,10 @@ class Trainer:
                     self._tb.add_scalar(f"{entry['kind']}/{key}", value, entry["step"])
             for i, lam in enumerate(entry.get("lambdas") or []):
                 self._tb.add_scalar(f"lambda/layer_{i}", lam, entry["step"])
+            for key in ("o_proj_in_rms", "head_norm_gain"):
+                for i, value in enumerate(entry.get(key) or []):
+                    if value is not None:
+                        self._tb.add_scalar(f"{key}/layer_{i}", value, entry["step"])
 
     def _open_tensorboard(self) -> None:
         if not self.dist.is_main:
