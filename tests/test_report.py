@@ -65,22 +65,36 @@ def synthetic_sweep(root: Path) -> Path:
         write_run(root / "baseline" / f"seed_{seed}", "baseline", seed, ob,
                   {"needle": {"accuracy": 0.5 + seed / 10}, HOSTILE: {HOSTILE: 1.0}})
         write_run(root / "diff" / f"seed_{seed}", "diff", seed, od, {"needle": {"accuracy": 0.6 + seed / 10}})
+        # A folder name that is hostile as HTML and as matplotlib mathtext.
+        write_run(root / "$\\frac{<b>$" / f"seed_{seed}", "diff", seed, od)
+    return root
+
+
+def synthetic_compare(root: Path) -> Path:
+    root.mkdir(parents=True)
+    (root / "compare.json").write_text(json.dumps({"seeds": [1, 2]}))
+    for seed in (1, 2):
+        write_run(root / f"seed_{seed}" / "baseline", "baseline", seed, 0.0)
+        write_run(root / f"seed_{seed}" / "diff", "diff", seed, 0.1 * seed)
     return root
 
 
 def test_report_tables_markdown_and_escaping(tmp_path, capsys):
     folder = synthetic_sweep(tmp_path / "sweep")
     out = tmp_path / "r" / "report.html"
-    assert main(["report", str(folder), "--out", str(out)]) == 0
+    assert main(["report", str(folder), str(synthetic_compare(tmp_path / "cmp")), "--out", str(out)]) == 0
     page = out.read_text()
     md = (tmp_path / "r" / "report.md").read_text()
     assert HOSTILE not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
     assert "<script" not in page.lower() and "http://" not in page and "https://" not in page
-    assert page.count("data:image/png;base64,") == 3  # loss bands, λ, instrumentation
+    assert page.count("data:image/png;base64,") == 6  # per folder: loss bands, λ, instrumentation
+    assert "## compare " in md and "| diff | 1, 2 |" in md
+    assert "+0.1500 [-0.485, +0.785]" in md  # the compare: 0.1, 0.2; ± 12.706 · 0.0707 / √2
     # diff − baseline per seed: 0.05 and 0.02 at the last eval: mean 0.035, std 0.0212, t(0.975, 1) = 12.706.
     assert "+0.0350 [-0.156, +0.226]" in md
     assert "| needle" not in md and "### Evaluation: needle" in md
     assert "0.6500 ± 0.0707 (n=2)" in md and "0.7500 ± 0.0707 (n=2)" in md  # baseline, diff accuracy
+    assert "<b>" not in page and "$\\frac{&lt;b&gt;$" in page
 
 
 @pytest.mark.parametrize("make,needle", [

@@ -191,6 +191,11 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 # Plots ----------------------------------------------------------------------------------------------------
+def _tex_safe(text: str) -> str:
+    """A folder name as a matplotlib label: '$' would start mathtext (and fail on hostile names)."""
+    return text.replace("$", r"\$")
+
+
 def _png(fig) -> str:
     import matplotlib.pyplot as plt
 
@@ -231,7 +236,7 @@ def plots(data: dict) -> list[tuple[str, str]]:
         if not xs:
             continue
         toks = [x * tps for x in xs]
-        ax.plot(toks, m, color=colours(i % 10), marker="o", ms=3, label=f"{name} (n={len(runs)})")
+        ax.plot(toks, m, color=colours(i % 10), marker="o", ms=3, label=_tex_safe(f"{name} (n={len(runs)})"))
         ax.fill_between(toks, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=colours(i % 10),
                         alpha=0.2)
     ax.set_xlabel("training tokens")
@@ -251,7 +256,7 @@ def plots(data: dict) -> list[tuple[str, str]]:
             for layer in range(n_layers):
                 xs, m, s = _mean_band([[[st, v[layer]] for st, v in t] for t in trajs])
                 ax.plot(xs, m, color=plt.get_cmap("viridis")(layer / max(1, n_layers - 1)), label=f"layer {layer}")
-            ax.set_title(f"λ: {name}", fontsize=9)
+            ax.set_title(_tex_safe(f"λ: {name}"), fontsize=9)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6)
@@ -271,7 +276,7 @@ def plots(data: dict) -> list[tuple[str, str]]:
                     curves = [[[st, v[layer]] for st, v in t if v[layer] is not None] for t in trajs]
                     xs, m, _ = _mean_band(curves)
                     ax.plot(xs, m, color=colours(i % 10), ls=styles[layer % 4], lw=1,
-                            label=f"{name} layer {layer}")
+                            label=_tex_safe(f"{name} layer {layer}"))
         axes[0].set_title("RMS of the attention output into o_proj")
         axes[1].set_title("per-head norm gain (mean of its weight)")
         for ax in axes:
