@@ -69,14 +69,19 @@ def parse_options(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def check_options(tasks: Sequence[Task], options: dict[str, str]) -> None:
-    """Refuse ``--opt`` keys that none of ``tasks`` reads (when every task declares its options)."""
+    """Refuse ``--opt`` keys that no registered task reads (a misspelling), before anything runs.
+
+    Keys of tasks not selected are accepted, so one option set serves any subset of tasks; the
+    check is skipped when a selected task does not declare its options.
+    """
+    registered = load_tasks().values()
     if any(t.options is None for t in tasks):
         return
-    known = set(GLOBAL_OPTIONS).union(*(t.options for t in tasks))
+    known = set(GLOBAL_OPTIONS).union(*(t.options or () for t in registered))
     unknown = sorted(set(options) - known)
     if unknown:
-        raise UserError(f"--opt {', '.join(unknown)}: not an option of task(s) {', '.join(t.name for t in tasks)} "
-                        f"(they read: {', '.join(sorted(known))})")
+        raise UserError(f"--opt {', '.join(unknown)}: no task reads this option "
+                        f"(known options: {', '.join(sorted(known))})")
 
 
 # Context -----------------------------------------------------------------------------------------
