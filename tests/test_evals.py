@@ -132,6 +132,17 @@ def test_probe_reproduces_the_model_and_reports_every_layer(attention):
     assert probe.calls[0].kind == ("softmax" if attention == "baseline" else "differential")
 
 
+def test_probe_refuses_arguments_it_does_not_know():
+    from diff_transformer.attention import softmax_attention
+    from diff_transformer.attention.probe import ProbeUnsupported
+
+    q = torch.randn(1, 2, 4, 8)
+    with AttentionProbe():
+        softmax_attention(q, q, q, bias=None)  # an unknown keyword left at None passes
+        with pytest.raises(ProbeUnsupported, match="bias"):
+            softmax_attention(q, q, q, bias=torch.zeros(4, 4))
+
+
 @pytest.mark.parametrize("attention", ["baseline", "diff"])
 def test_attention_mass_uniform_attention_by_hand(attention):
     model = tiny_model(attention, n_layers=1)
@@ -300,6 +311,13 @@ def test_eval_compare_table_and_plots(runs, tmp_path, capsys):
     assert cell["n"] == 1 and cell["std"] is None and math.isfinite(cell["mean"])
     for name in ("perplexity", "lambda", "needle"):
         assert (out / f"{name}.png").is_file()
+    capsys.readouterr()
+    assert main(["eval-compare", f"{runs['diff']},{runs['diff']}", str(runs["baseline"]), "--label", "D", "B",
+                 "--task", "lambda", "--out", str(tmp_path / "groups"), "--no-progress"]) == 0
+    assert "| lambda | lambda_mean | " in capsys.readouterr().out
+    assert "D (n=2)" in (tmp_path / "groups" / "evals.md").read_text()
+    assert main(["eval-compare", str(runs["diff"]), "--label", "a", "b", "--task", "lambda", "--out",
+                 str(tmp_path / "bad")]) == 2 and not (tmp_path / "bad").exists()
     # groups: the same run twice as two "seeds" gives a zero std
     res = runner.evaluate_runs({"D": [runs["diff"], runs["diff"]]}, ["perplexity"], data_cache=runs["cache"],
                                progress=False, write_runs=False, echo=None)

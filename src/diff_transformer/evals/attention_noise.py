@@ -30,7 +30,7 @@ from ..attention.probe import AttentionProbe
 from ..data.synthetic import make_needle_example
 from ..errors import UserError
 from .base import EvalContext, register
-from .common import (autocast, haystack_ids, positive, probing, progress, pyplot, require_data,
+from .common import (autocast, haystack_ids, integer_ticks, positive, probing, progress, pyplot, require_data,
                      require_probe_support, save_figure)
 from .needle import DEFAULT_DEPTHS
 
@@ -128,6 +128,8 @@ def plot(results: list[tuple[str, dict]], path: Path) -> None:
         ax.set_ylabel("fraction of the row's mass")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
+    for ax in fig.axes:
+        ax.xaxis.set_major_locator(integer_ticks())
     save_figure(fig, path)
 
 
