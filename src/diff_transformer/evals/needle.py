@@ -28,7 +28,7 @@ import torch
 from ..data.synthetic import make_needle_example
 from ..errors import UserError
 from .base import EvalContext, register
-from .common import autocast, float_list, haystack_ids, int_list, positive, progress, pyplot, require_data, save_figure
+from .common import float_list, haystack_ids, int_list, positive, progress, pyplot, require_data, save_figure
 
 DEFAULT_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 _LEADING_NUMBER = re.compile(r"\s*(\d+)")
