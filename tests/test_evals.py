@@ -143,7 +143,7 @@ def test_probe_refuses_arguments_it_does_not_know():
             softmax_attention(q, q, q, bias=torch.zeros(4, 4))
 
 
-@pytest.mark.parametrize("attention", ["baseline", "diff"])
+@pytest.mark.parametrize("attention", ["baseline", "diff", "diff_v2"])
 def test_attention_mass_uniform_attention_by_hand(attention):
     model = tiny_model(attention, n_layers=1)
     with torch.no_grad():
@@ -159,6 +159,8 @@ def test_attention_mass_uniform_attention_by_hand(attention):
     scale = 1 - model.layers[0].self_attn.lambda_init if attention == "diff" else 1.0
     assert got["answer"][0] == pytest.approx(expect_answer, rel=1e-5)
     assert got["noise"][0] == pytest.approx(expect_noise, rel=1e-5)
+    if attention == "diff_v2":  # λ per token: rows sum to 1 − λ_t, only the normalised masses are known
+        return
     assert got["raw_answer"][0] == pytest.approx(scale * expect_answer, rel=1e-5)
     assert got["row_sum"][0] == pytest.approx(scale, rel=1e-5)
     if attention == "diff":
@@ -361,3 +363,20 @@ def test_model_folder_needs_data_option_and_writable_folder(runs, tmp_path, caps
     finally:
         (folder / "evals").chmod(0o700)
         folder.chmod(0o700)
+
+
+def test_a_crash_keeps_the_finished_tasks(runs, monkeypatch, tmp_path):
+    import shutil
+
+    from diff_transformer.evals.base import TASKS, Task
+
+    def boom(ctx):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(TASKS, "boom", Task("boom", boom, None, "fails", needs_data=False, options=()))
+    run = tmp_path / "run"
+    shutil.copytree(runs["diff"], run, ignore=shutil.ignore_patterns("evals"))
+    with pytest.raises(RuntimeError, match="boom"):
+        runner.evaluate_path(run, ["lambda", "boom"], progress=False)
+    assert strict_json(run / "evals" / "lambda.json")["final"]
+    assert not (run / "evals" / "boom.json").exists()
