@@ -327,9 +327,10 @@ def test_eval_compare_table_and_plots(runs, tmp_path, capsys):
 
 
 def test_no_matplotlib_json_still_written(runs, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
     run = runs["baseline"]
-    (run / "evals" / "lambda.png").unlink(missing_ok=True)
+    assert main(["eval", str(run), "--task", "lambda", "--no-progress"]) == 0
+    assert (run / "evals" / "lambda.png").is_file()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["eval", str(run), "--task", "lambda", "--no-progress"]) == 0
     assert strict_json(run / "evals" / "lambda.json")["lambda"] == "no λ"
     assert not (run / "evals" / "lambda.png").exists()

@@ -178,6 +178,9 @@ def run_tasks(ctx: EvalContext, tasks: Sequence[Task], echo=None, into: dict | N
     for task in tasks:
         torch.manual_seed(ctx.seed)
         result = task.run(ctx)
+        result.setdefault("meta", {"task": task.name, "model_dir": str(ctx.model_dir), "attention":
+                                   ctx.model.config.attention, "seed": ctx.seed, "options": dict(ctx.options),
+                                   "device": str(ctx.device), "amp_bf16": ctx.amp})
         dumps(result)  # fail here, before anything is written, if a task returned something not strict JSON
         results[task.name] = result
         if echo is not None:
@@ -203,8 +206,11 @@ def write_results(out: Path, results: dict[str, dict], label: str) -> list[Path]
     for name, result in results.items():
         write_bytes_atomically(out / f"{name}.json", dumps(result).encode())
         written.append(out / f"{name}.json")
-        if draw(TASKS[name], [(label, result)], out / f"{name}.png"):
-            written.append(out / f"{name}.png")
+        png = out / f"{name}.png"
+        if draw(TASKS[name], [(label, result)], png):
+            written.append(png)
+        else:
+            png.unlink(missing_ok=True)  # never leave an older run's figure beside new numbers
     return written
 
 
