@@ -190,6 +190,7 @@ def run_tasks(ctx: EvalContext, tasks: Sequence[Task], echo=None, into: dict | N
 
 def draw(task: Task, labelled: list[tuple[str, dict]], path: Path) -> bool:
     """Draw ``path`` with ``task.plot``; False (with a warning) when there is no PNG."""
+    path.unlink(missing_ok=True)  # never leave an older run's figure beside new numbers
     if task.plot is None:
         return False
     try:
@@ -206,11 +207,8 @@ def write_results(out: Path, results: dict[str, dict], label: str) -> list[Path]
     for name, result in results.items():
         write_bytes_atomically(out / f"{name}.json", dumps(result).encode())
         written.append(out / f"{name}.json")
-        png = out / f"{name}.png"
-        if draw(TASKS[name], [(label, result)], png):
-            written.append(png)
-        else:
-            png.unlink(missing_ok=True)  # never leave an older run's figure beside new numbers
+        if draw(TASKS[name], [(label, result)], out / f"{name}.png"):
+            written.append(out / f"{name}.png")
     return written
 
 
