@@ -139,9 +139,9 @@ def evaluate_needles(ctx: EvalContext, contexts: list[int], depths: list[float],
             needle_depths = [d] * asked + rng.uniform(0, 1, needles - asked).tolist()
             try:  # one token is left for the exact-match check after the answer
                 ex = make_needle_example(rng, hay, ctx.tokenizer, c - 1, needle_depths, needles, asked, "eval")
-            except ValueError:
+            except ValueError:  # this draw's cities make the needles too long for c
                 skipped.append(c)
-                break
+                continue
             cands = ex.candidate_ids()
             for j, prompt in enumerate(ex.prompts):
                 lps = candidate_logprobs(ctx.model, prompt, cands, ctx.device, ctx.amp)
@@ -167,8 +167,8 @@ def evaluate_needles(ctx: EvalContext, contexts: list[int], depths: list[float],
         "chance_rank_acc": 1.0 / needles,
         "haystack_repeated": repeated,
     }
-    if skipped:
-        result["skipped_contexts"] = sorted(set(skipped))
+    if skipped:  # samples whose needles and question did not fit the context, per context length
+        result["skipped_samples"] = {str(c): skipped.count(c) for c in sorted(set(skipped))}
     return result
 
 
