@@ -158,10 +158,11 @@ def _type_matches(value: Any, tp: Any) -> bool:
     return True
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
+    """A type annotation in words, e.g. "float or 'matched'"."""
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
+        return " or ".join(type_name(a) for a in get_args(tp))
     if origin is Literal:
         return " or ".join(repr(c) for c in get_args(tp))
     return "None" if tp is type(None) else tp.__name__
@@ -173,7 +174,7 @@ def _check_types(obj: Any) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if not _type_matches(value, hints[f.name]):
-            raise ConfigError(f"{f.name}={value!r} has the wrong type: expected {_type_name(hints[f.name])}")
+            raise ConfigError(f"{f.name}={value!r} has the wrong type: expected {type_name(hints[f.name])}")
 
 
 def _check_literals(obj: Any) -> None:
