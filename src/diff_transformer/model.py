@@ -359,6 +359,11 @@ def head_norm_gain(config: ModelConfig, layer_idx: int) -> float:
       o_i = (1/i) Σ_{j ≤ i} v_j, and with independent values (random tokens) E[o_i²] = σ_v² / i.
       Averaged over positions i = 1..N (N = max_seq_len): σ_v² H_N / N, H_N the N-th harmonic number,
       so r = σ_v · sqrt(H_N / N). The RMSNorm output has unit RMS, times g_l · s_l = r.
+
+    Measured on ``tiny`` (seq 256, random tokens; tests/test_variants.py): the baseline's first layer
+    is within 10% of r; deeper layers are louder (hf up to 2.4x, official up to 4.7x in layer 4),
+    because the residual stream carries earlier layers' prefix averages and the values of nearby
+    positions correlate, which the independence above ignores. r is one number for every layer.
     """
     if config.head_norm_init != "matched":
         return float(config.head_norm_init)
