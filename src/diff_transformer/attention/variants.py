@@ -4,8 +4,9 @@ The ablations of the public discussion around DIFF: can one softmax map, changed
 difference of two does? Each function follows the conventions of the other backends: q (B, H, N, d),
 k (B, H_kv, M, d), v (B, H_kv, M, dv), GQA by kv head ``i // (H / H_kv)``, a bottom-right causal mask
 when N < M (KV-cache decoding), an optional additive float ``bias`` on the scaled scores broadcastable
-to (B, H, N, M) (ALiBi), and an output (B, H, N, dv) in v's dtype. Scores and normalisation are fp32
-with explicit N×M matrices: these are ablation paths, not fast ones (no fused kernel covers them).
+to (B, H, N, M) (ALiBi), and an output (B, H, N, dv) in v's dtype. Scores, normalisation and the
+product with v are fp32 with explicit N×M matrices, also inside a bf16 autocast region (which is
+switched off here): these are ablation paths, not fast ones (no fused kernel covers them).
 
 - :func:`softmax_plus_one_attention`: exp(s_ij) / (1 + Σ_j exp(s_ij)), a row may attend to nothing.
 - :func:`sigmoid_attention`: Σ_j σ(s_ij + b) v_j (Ramapuram et al. 2024), no normalisation over keys.
@@ -16,11 +17,24 @@ The learned-temperature baseline needs no function here: it scales q and calls t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .reference import _expand_kv, causal_mask
+
+
+def _fp32(fn):
+    """Run ``fn`` with autocast off, so its fp32 matmuls stay fp32 under bf16 autocast."""
+
+    @functools.wraps(fn)
+    def wrapper(q: Tensor, *args, **kwargs) -> Tensor:
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            return fn(q, *args, **kwargs)
+
+    return wrapper
 
 
 def _scores(q: Tensor, k: Tensor, scale: float | None, bias: Tensor | None) -> Tensor:
@@ -39,6 +53,7 @@ def _apply(weights: Tensor, v: Tensor, h: int) -> Tensor:
     return torch.matmul(weights, _expand_kv(v, h).float()).to(v.dtype)  # (B, H, N, dv)
 
 
+@_fp32
 def softmax_plus_one_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
                                bias: Tensor | None = None) -> Tensor:
     """Σ_j exp(s_ij) / (1 + Σ_j' exp(s_ij')) v_j: softmax with a phantom key of score 0 and value 0.
@@ -56,6 +71,7 @@ def softmax_plus_one_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool 
     return _apply(weights, v, q.shape[1])
 
 
+@_fp32
 def sigmoid_attention(q: Tensor, k: Tensor, v: Tensor, *, offset: float, causal: bool = True,
                       scale: float | None = None, bias: Tensor | None = None) -> Tensor:
     """Σ_{j visible} σ(s_ij + offset) v_j (Ramapuram et al. 2024, "Theory, Analysis, and Best Practices
@@ -74,6 +90,7 @@ def sigmoid_attention(q: Tensor, k: Tensor, v: Tensor, *, offset: float, causal:
     return _apply(weights, v, q.shape[1])
 
 
+@_fp32
 def gated_attention(q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor, v: Tensor, alpha: Tensor, beta: Tensor, *,
                     causal: bool = True, scale: float | None = None, bias: Tensor | None = None) -> Tensor:
     """softmax(α_h·s1 + log σ(β_h·s2)) v, per head h, on DIFF V1's layout.
