@@ -37,12 +37,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: fl
 
     q (B, H, N, d), k (B, H_kv, M, d), v (B, H_kv, M, dv) -> (B, H, N, dv). ``bias`` (broadcastable
     to (B, H, N, M)) is added to the scaled scores: SDPA's float ``attn_mask`` with the causal mask
-    folded in as -inf, in q's dtype (SDPA requires it; under bf16 the bias is rounded to bf16).
+    folded in as -inf, in q's dtype (SDPA requires it; under bf16 the bias is rounded to bf16). On an
+    H200 (torch 2.11) the cuDNN and memory-efficient kernels take such a 4-d mask; flash takes none.
     """
     n, m = q.shape[-2], k.shape[-2]
     mask, is_causal = None, False
     if bias is not None:
         mask = bias.to(q.dtype)
+        mask = mask[(None,) * (4 - mask.dim())]  # 4-d: cuDNN refuses 3-d masks (seen on an H200)
         if causal and n > 1:  # n == 1 sees every cached key
             mask = mask.masked_fill(~causal_mask(n, m, q.device), float("-inf"))
     elif causal and n == m:
