@@ -4,7 +4,12 @@ Head counting follows the baseline (see SPEC.md): ``n_heads`` is the baseline's 
 and ``head_dim`` its head width ``d``. A DIFF V1 layer built from the same config has ``h/2``
 differential heads (two q/k sub-heads of width ``d``, one value of width ``2d``), so its projections
 have exactly the baseline's shapes. DIFF V2 has ``2h`` query heads of width ``d`` over the same kv
-heads.
+heads. The ablation kinds keep the baseline's layout (``softmax_plus_one``, ``temperature``,
+``sigmoid``) or DIFF V1's (``gated``).
+
+Every ablation knob defaults to the paper's choice. Knobs of one kind only (``lambda_mode``,
+``lambda_init``, ``head_norm_lambda_scale`` for DIFF V1; ``head_norm_init`` without a head norm) are
+ignored by the others, so that :func:`matched_pair` can hand a DIFF config's fields to its baseline.
 """
 
 from __future__ import annotations
