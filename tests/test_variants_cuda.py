@@ -3,6 +3,7 @@
 Skipped without a GPU. The CPU file (test_variants.py) holds the exact references; this one checks
 that every variant runs where the fast paths do (SDPA's CUDA kernels with a float mask, the Triton
 kernel for DIFF V1, the eager fp32 paths with autocast switched off) and agrees with fp32.
+Last run: an H200, torch 2.11.0+cu130, triton 3.6.0: 27 passed in 37 s.
 """
 
 import math
