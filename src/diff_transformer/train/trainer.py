@@ -316,7 +316,7 @@ class Trainer:
         """Each layer's λ (DIFF V1), gathered from shards under FSDP."""
         if self.run.model.attention != "diff":
             return None
-        if self.mode != "fsdp":
+        if self.mode != "fsdp" or self.run.model.lambda_mode != "learned":  # fixed/zero λ: no sharded vectors
             return self.model.lambdas()
         lams = []
         for layer in self.model.layers:
