@@ -127,7 +127,9 @@ def flops_per_token(model: ModelConfig, seq_len: int, params_non_embedding: int 
 
     with ``w = n_heads · head_dim`` the attention width, ``f = 1`` for the baseline, ``f = 16/14`` for
     DIFF V1 (SPEC.md "Work floor": forward 6N²d against 4N²d, backward 10N²d against 10N²d) and
-    ``f = 2`` for DIFF V2 (2h query heads of width d over the same keys and values). The 12 counts
+    ``f = 2`` for DIFF V2 (2h query heads of width d over the same keys and values); every other kind 1
+    (the single-map ablations, and ``gated``: two score maps but one P·V of width 2d, the baseline's
+    work). DIFF V1 keeps 16/14 in every ``lambda_mode``. The 12 counts
     QKᵀ and PV (2 · 2 · N · w a token forward, twice that backward), without halving for the causal
     mask (as Kaplan et al. and PaLM count it); the λ and norm work is negligible and not counted."""
     p = non_embedding_params(model) if params_non_embedding is None else params_non_embedding

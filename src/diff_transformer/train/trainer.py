@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..data import Batches, prepare_dataset
+from ..data import Batches, build_mix, prepare_dataset
 from ..errors import UserError
 from ..model import DiffTransformerLM
 from ..serialization import WEIGHTS_NAME, load_config, load_state
@@ -169,7 +169,8 @@ class Trainer:
         self._eval_model = self.forward if self.mode != "ddp" else (
             torch.compile(self.model) if cfg.compile else self.model)
         self.optimizer = build_optimizer(self.model, cfg)  # after fully_shard, over the sharded parameters
-        self.batches = Batches(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed)
+        self.batches = Batches(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed,
+                               mix=build_mix(run.data.mix, dataset.tokenizer, cfg.seq_len))
         self.total_steps = cfg.total_steps
         self.step = 0
         self.metrics: list[dict] = []
@@ -363,7 +364,7 @@ class Trainer:
         """Each layer's λ (DIFF V1), gathered from shards under FSDP."""
         if self.run.model.attention != "diff":
             return None
-        if self.mode != "fsdp":
+        if self.mode != "fsdp" or self.run.model.lambda_mode != "learned":  # fixed/zero λ: no sharded vectors
             return self.model.lambdas()
         lams = []
         for layer in self.model.layers:
