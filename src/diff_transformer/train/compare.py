@@ -256,9 +256,12 @@ def format_table(summary: dict) -> str:
     lines.append(f"compared: {models[a]['setting']} vs {models[b]['setting']}")
     ra, rb = models[a]["o_proj_in_rms_first_log"], models[b]["o_proj_in_rms_first_log"]
     if ra is not None and rb is not None:
+        from ..variants import variant_names
+
+        ablations = ",".join(["diff"] + [v for v in ("diff-no-norm", "diff-norm-matched") if v in variant_names()])
         lines.append(f"RMS of the attention output into o_proj at the first logged step (mean over layers and seeds): "
-                     f"{la} {ra:.3f}, {lb} {rb:.3f}" + ("; a per-head norm's gain sets this loudness at init, "
-                                                         "ablate it with `sweep --variants diff,diff-no-norm`"
+                     f"{la} {ra:.3f}, {lb} {rb:.3f}" + (f"; a per-head norm's gain sets this loudness at init, "
+                                                         f"ablate it with `sweep --variants {ablations}`"
                                                          if "per-head norm at gain" in models[a]['setting'] else ""))
     lines.append(summary["speed_note"])
     lines.append(f"wall time {summary['wall_seconds']:.0f} s")
