@@ -230,13 +230,14 @@ def format_table(summary: dict) -> str:
     def num(x, fmt):
         return format(x, fmt) if x is not None else "—"
 
+    w = max(len("model"), *(len(models[name]["label"]) for name in (a, b)))
     lines = [f"comparison, preset {summary['preset']}, {n} seed(s) {summary['seeds']}, "
              f"{summary['tokens_per_run']:,} training tokens per run = {summary['epochs']:.2f} epochs of "
              f"{summary['unique_train_tokens']:,} unique training tokens",
-             f"{'model':<14} {'params':>12} {'val loss':>17} {'perplexity':>19} {'tokens/s':>10} {'peak MiB':>9}"]
+             f"{'model':<{w}} {'params':>12} {'val loss':>17} {'perplexity':>19} {'tokens/s':>10} {'peak MiB':>9}"]
     for name in (a, b):
         m = models[name]
-        lines.append(f"{m['label']:<14} {m['params']:>12,} {num(m['val_loss_mean'], '>8.4f')} ± "
+        lines.append(f"{m['label']:<{w}} {m['params']:>12,} {num(m['val_loss_mean'], '>8.4f')} ± "
                      f"{num(m['val_loss_std'], '<6.4f')} {num(m['val_ppl_mean'], '>9.2f')} ± "
                      f"{num(m['val_ppl_std'], '<7.2f')} {num(m['tokens_per_s_mean'], '>10,.0f')} "
                      f"{m['peak_memory_mb_max']:>9,.0f}")

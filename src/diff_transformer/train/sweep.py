@@ -356,7 +356,8 @@ def format_table(summary: dict) -> str:
     if summary["tokens_per_run"]:
         head += (f"; {summary['tokens_per_run']:,} training tokens a run = {summary['epochs']:.2f} epochs of "
                  f"{summary['unique_train_tokens']:,} unique training tokens")
-    cols = (f"{'variant':<18} {'params':>11} {'FLOP/token':>10} {'val loss (mean ± std)':>22} "
+    w = max([len("variant")] + [len(k) for k in summary["groups"]])
+    cols = (f"{'variant':<{w}} {'params':>11} {'FLOP/token':>10} {'val loss (mean ± std)':>22} "
             f"{'Δ vs ' + ref + ' [95% CI], n':>34} {'p':>7} {'tokens/s':>10} {'@ref FLOPs':>10} {'@ref time':>10}")
     lines = [head, cols]
 
@@ -370,7 +371,7 @@ def format_table(summary: dict) -> str:
             f"{num(d['mean'], '+.4f')} [{num(d['ci_low'], '+.3f')}, {num(d['ci_high'], '+.3f')}], n={d['n']}")
         loss = f"{num(g['val_loss_mean'], '.4f')} ± {num(g['val_loss_std'], '.4f')}"
         fl, tm = g["loss_at_reference_flops"], g["loss_at_reference_seconds"]
-        lines.append(f"{key:<18} {num(g['params'], ',d'):>11} {num(g['flops_per_token'], '.3e'):>10} "
+        lines.append(f"{key:<{w}} {num(g['params'], ',d'):>11} {num(g['flops_per_token'], '.3e'):>10} "
                      f"{loss:>22} {delta:>34} {num(None if g['variant'] == ref else d['p_value'], '.3g'):>7} "
                      f"{num(g['tokens_per_s_mean'], ',.0f'):>10} {num(fl['mean'], '.4f'):>10} {num(tm['mean'], '.4f'):>10}")
         for name, m in (("FLOPs", fl), ("training time", tm)):
