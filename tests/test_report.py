@@ -86,6 +86,7 @@ def test_report_tables_markdown_and_escaping(tmp_path, capsys):
     page = out.read_text()
     md = (tmp_path / "r" / "report.md").read_text()
     assert HOSTILE not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert HOSTILE not in md and "&lt;img src=x onerror=alert(1)&gt;" in md
     assert "<script" not in page.lower() and "http://" not in page and "https://" not in page
     assert page.count("data:image/png;base64,") == 6  # per folder: loss bands, λ, instrumentation
     assert "## compare " in md and "| diff | 1, 2 |" in md

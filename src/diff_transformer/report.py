@@ -4,7 +4,7 @@ sweep or compare folders.
 Everything is read back from the run directories (``run.json``, ``metrics.jsonl``, ``evals/<task>.json``),
 so evaluations written after the training show up. The page has no scripts and no external URLs: plots
 are PNGs embedded as base64 ``data:`` URIs. Every string taken from a file is HTML-escaped (Markdown
-cells have ``|`` and newlines escaped), because folders may come from anywhere.
+cells have ``<``, ``&``, ``|`` and newlines escaped), because folders may come from anywhere.
 
 A run's group is its path inside the folder without the ``seed_<s>`` part (``diff``, ``diff/lr_0.001``);
 the reference is the sweep's ``--reference`` (a compare's second model) at the same lr, paired by seed.
@@ -181,6 +181,8 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _md_cell(s: str) -> str:
+    """A Markdown table cell: inline HTML is escaped too (Markdown renderers pass it through)."""
+    s = html.escape(s, quote=False)
     return s.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("\r", " ")
 
 
