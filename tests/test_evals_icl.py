@@ -81,7 +81,7 @@ def test_shared_prefix_gives_the_full_sequence_scores(attention):
 def test_scorer_refuses_what_does_not_fit():
     model = tiny_model(max_seq_len=16)
     with pytest.raises(ValueError, match="max_seq_len"):
-        score_continuations(model, [1] * 10, [[2] * 7])
+        score_continuations(model, [1] * 10, [[2] * 8])
     with pytest.raises(ValueError, match="non-empty"):
         score_continuations(model, [], [[2]])
 

@@ -78,7 +78,8 @@ def score_continuations(model, context: list[int], continuations: list[list[int]
                         prefix: SharedPrefix | None = None, batch_size: int = 32, amp: bool = False) -> list[Score]:
     """Score each continuation after ``prefix`` (optional) + ``context``: one batched forward per
     ``batch_size`` continuations. ``context`` must be non-empty (its last token predicts the first
-    continuation token) and every continuation non-empty; the whole must fit ``max_seq_len``."""
+    continuation token) and every continuation non-empty; the input (all but the last continuation
+    token) must fit ``max_seq_len``."""
     if not context:
         raise ValueError("score_continuations needs a non-empty context (e.g. [eos_id])")
     if any(len(c) == 0 for c in continuations):
@@ -86,17 +87,17 @@ def score_continuations(model, context: list[int], continuations: list[list[int]
     p = prefix.length if prefix is not None else 0
     longest = max((len(c) for c in continuations), default=0)
     limit = model.config.max_seq_len
-    if p + len(context) + longest > limit:
-        raise ValueError(f"prefix {p} + context {len(context)} + continuation {longest} tokens exceed the "
+    if p + len(context) + longest - 1 > limit:  # the last continuation token is scored, never fed
+        raise ValueError(f"prefix {p} + context {len(context)} + continuation {longest} - 1 tokens exceed the "
                          f"model's max_seq_len {limit}")
     device = model_device(model)
     scores: list[Score] = []
     for start in range(0, len(continuations), batch_size):
         chunk = continuations[start:start + batch_size]
-        width = len(context) + max(len(c) for c in chunk)
+        width = len(context) + max(len(c) for c in chunk) - 1
         rows = torch.zeros(len(chunk), width, dtype=torch.long)
         for i, c in enumerate(chunk):
-            rows[i, :len(context) + len(c)] = torch.tensor(context + c)
+            rows[i, :len(context) + len(c) - 1] = torch.tensor(context + c[:-1])  # the last token is only a target
         cache = _PrefixExtension(prefix, len(chunk)) if prefix is not None else None
         with torch.no_grad(), autocast(device, amp):
             logits = model(rows.to(device), cache=cache)  # (B, W, V)
