@@ -17,7 +17,8 @@ from diff_transformer.evals.base import EvalContext
 
 class RiggedLM(nn.Module):
     """A causal "model" whose next-token distribution is ``rule(ids_so_far) -> {token: logprob}``; the
-    remaining probability is spread evenly over the other tokens. No KV cache: use it without a prefix."""
+    remaining probability is spread evenly over the other tokens. Its cache only remembers the ids
+    (generation works; a SharedPrefix does not)."""
 
     def __init__(self, rule: Callable[[list[int]], dict[int, float]], vocab_size: int = 257, max_seq_len: int = 512):
         super().__init__()
@@ -25,20 +26,33 @@ class RiggedLM(nn.Module):
         self.config = SimpleNamespace(vocab_size=vocab_size, max_seq_len=max_seq_len)
         self.dummy = nn.Parameter(torch.zeros(1))
 
+    def new_cache(self, batch: int, max_len: int, dtype=None):
+        return _History(batch)
+
     def forward(self, input_ids, cache=None):
-        assert cache is None, "RiggedLM has no KV cache"
+        assert cache is None or isinstance(cache, _History), "RiggedLM takes only its own cache (no shared prefix)"
         b, n = input_ids.shape
         v = self.config.vocab_size
         out = torch.empty(b, n, v)
         for i in range(b):
-            row = input_ids[i].tolist()
+            before = cache.ids[i] if cache is not None else []
+            row = before + input_ids[i].tolist()
             for t in range(n):
-                given = self.rule(row[:t + 1])
+                given = self.rule(row[:len(before) + t + 1])
                 rest = max(1e-12, 1 - sum(math.exp(lp) for lp in given.values()))
                 out[i, t] = math.log(rest / (v - len(given)))
                 for tok, lp in given.items():
                     out[i, t, tok] = lp
+            if cache is not None:
+                cache.ids[i] = row
         return out
+
+
+class _History:
+    """RiggedLM's "KV cache": the ids seen so far, per row (enough for model.generate / stream)."""
+
+    def __init__(self, batch: int):
+        self.ids = [[] for _ in range(batch)]
 
 
 def prefers(text: str, tokenizer=None, logprob: float = math.log(0.9)):
@@ -72,3 +86,22 @@ def context(model, tokenizer=None, options: dict | None = None, seed: int = 0, t
     return EvalContext(model=model, tokenizer=tokenizer or ByteTokenizer(), device=torch.device("cpu"),
                        model_dir=tmp or Path("."), run_dir=None, val_tokens=None, val_documents=None,
                        options={k: str(v) for k, v in (options or {}).items()}, seed=seed, progress=False)
+
+
+def answering(policy: Callable[[str], str], marker: str = "Answer:", logprob: float = math.log(0.9)):
+    """A rule for RiggedLM (byte ids) that answers ``" " + policy(prompt) + "\n"`` after the last ``marker``,
+    where ``prompt`` is the text up to and including that marker."""
+    mark = marker.encode()
+
+    def rule(ids: list[int]) -> dict[int, float]:
+        text = bytes(i for i in ids if i < 256)
+        at = text.rfind(mark)
+        if at < 0:
+            return {}
+        prompt, produced = text[:at + len(mark)], text[at + len(mark):]
+        target = (" " + policy(prompt.decode("utf-8", "replace")) + "\n").encode()
+        if target.startswith(produced) and len(produced) < len(target):
+            return {target[len(produced)]: logprob}
+        return {}
+
+    return rule

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..generation import stream
+
 
 def autocast(device: torch.device, amp: bool):
     """bf16 autocast on CUDA when ``amp``, else nothing."""
@@ -122,7 +124,7 @@ def greedy_generate(model, context: list[int], max_new_tokens: int, *, stop_ids:
     out: list[int] = []
     with autocast(device, amp):
         ids = torch.tensor([context], dtype=torch.long, device=device)
-        for token in model.stream(ids, max(0, min(max_new_tokens, room)), temperature=0):
+        for token in stream(model, ids, max(0, min(max_new_tokens, room)), temperature=0):
             t = int(token[0])
             if t in stop_ids:
                 break
