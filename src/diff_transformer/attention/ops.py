@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import reference, sdpa
+from .probe import probed
 
 Backend = Literal["auto", "reference", "sdpa", "triton"]
 BACKENDS = ("auto", "reference", "sdpa", "triton")
@@ -83,6 +84,7 @@ def resolve_backend(backend: str, q1: Tensor, k1: Tensor, k2: Tensor, v: Tensor)
     return backend
 
 
+@probed("differential")  # an active attention probe (probe.py) takes the call; else one global check
 def differential_attention(
     q1: Tensor,
     q2: Tensor,
@@ -119,6 +121,7 @@ def differential_attention(
     return _triton_module().differential_attention(q1, q2, k1, k2, v, lam, causal=causal, scale=scale)
 
 
+@probed("softmax")
 def softmax_attention(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None, backend: Backend = "auto"
 ) -> Tensor:
