@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -107,6 +108,13 @@ def test_rank_scoring_with_rigged_logits():
     assert needle.rank_of(lps, 1) == 1
     assert needle.rank_of(lps, 0) == 2 and needle.rank_of(lps, 2) > 2
     assert needle.rank_of([0.0, 0.0], 0) == 2  # ties count against the right answer
+
+
+def test_greedy_text_is_model_generate_greedy():
+    model, tok = tiny_model("diff"), ByteTokenizer()
+    prompt = tok.encode("The special magic number for Oslo is:")
+    ref = model.generate(torch.tensor([prompt]), 6, temperature=0)[0, len(prompt):].tolist()
+    assert needle.greedy_text(model, tok, prompt, 6, torch.device("cpu"), False) == tok.decode(ref)
 
 
 # The probe and the attention masses ----------------------------------------------------------------
@@ -306,3 +314,32 @@ def test_no_matplotlib_json_still_written(runs, monkeypatch, capsys):
     assert strict_json(run / "evals" / "lambda.json")["lambda"] == "no λ"
     assert not (run / "evals" / "lambda.png").exists()
     assert "warning: matplotlib is not installed" in capsys.readouterr().err
+
+
+def test_model_folder_needs_data_option_and_writable_folder(runs, tmp_path, capsys):
+    import shutil
+
+    ckpt = sorted((runs["diff"] / "checkpoints").iterdir())[-1]
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer_meta.json"):
+        shutil.copy(ckpt / name, folder / name)
+    before = snapshot(folder)
+    assert main(["eval", str(folder), "--task", "long-nll", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--opt data=PATH" in err[0] and snapshot(folder) == before
+    text = tmp_path / "texts.txt"
+    text.write_text(HAYSTACK * 3)
+    assert main(["eval", str(folder), "--task", "long-nll,lambda", "--opt", f"data={text}", "--opt", "docs=1",
+                 "--no-progress"]) == 0
+    assert strict_json(folder / "evals" / "long-nll.json")["rows"] == 1
+    folder.chmod(0o500)
+    (folder / "evals").chmod(0o500)
+    try:
+        if not os.access(folder / "evals", os.W_OK):  # root can write anyway
+            capsys.readouterr()
+            assert main(["eval", str(folder), "--task", "lambda", "--no-progress"]) == 2
+            assert "not writable" in capsys.readouterr().err
+    finally:
+        (folder / "evals").chmod(0o700)
+        folder.chmod(0o700)

@@ -70,12 +70,22 @@ def rank_of(logprobs: list[float], right: int) -> int:
 
 @torch.no_grad()
 def greedy_text(model, tokenizer, prompt: list[int], max_new: int, device: torch.device, amp: bool) -> str:
-    ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    """Greedy continuation of ``prompt`` (at most ``max_new`` tokens, stopping at EOS), decoded.
+
+    Decodes with a KV cache in the activations' dtype (bf16 under autocast), which
+    ``model.generate``'s fp32 cache would not match.
+    """
+    cache = model.new_cache(1, len(prompt) + max_new, torch.bfloat16 if amp else None)
+    new: list[int] = []
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        out = model.generate(ids, max_new, temperature=0, eos_token_id=tokenizer.eos_id)
-    new = [t for t in out[0, len(prompt):].tolist()]
-    if tokenizer.eos_id in new:
-        new = new[: new.index(tokenizer.eos_id)]
+        logits = model(torch.tensor([prompt], dtype=torch.long, device=device), cache=cache)[0, -1]  # (V,)
+        for step in range(max_new):
+            token = int(logits.float().argmax())
+            if token == tokenizer.eos_id:
+                break
+            new.append(token)
+            if step + 1 < max_new:
+                logits = model(torch.tensor([[token]], dtype=torch.long, device=device), cache=cache)[0, -1]
     return tokenizer.decode(new)
 
 
@@ -174,6 +184,7 @@ def plot(results: list[tuple[str, dict]], path: Path) -> None:
                 if not np.isnan(v):
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
             fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.subplots_adjust(wspace=0.5, hspace=0.5)
     save_figure(fig, path)
 
 
