@@ -105,3 +105,11 @@ def answering(policy: Callable[[str], str], marker: str = "Answer:", logprob: fl
         return {}
 
     return rule
+
+
+def model_folder(folder: Path, attention: str = "diff", max_seq_len: int = 512, tokenizer=None) -> Path:
+    """A model folder (config, weights, tokenizer) of a tiny random model, for the CLI."""
+    tokenizer = tokenizer or ByteTokenizer()
+    tiny_model(attention, vocab_size=tokenizer.vocab_size, max_seq_len=max_seq_len).save_pretrained(folder)
+    tokenizer.save(folder)
+    return folder

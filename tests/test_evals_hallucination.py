@@ -12,20 +12,20 @@ import pytest
 from diff_transformer.errors import UserError
 from diff_transformer.evals import hallucination as hal
 
-from evals_helpers import RiggedLM, answering, context, tiny_model
+from evals_helpers import RiggedLM, answering, context, model_folder, tiny_model
 
 OPTS = {"n_items": 5, "n_facts": 6, "records": 5, "lookalikes": 2}
 
 
 def records(prompt: str) -> dict[str, dict[str, str]]:
     out = {}
-    for key, body in re.findall(r"Employee ID (\d+): (.*)\.", prompt):
+    for key, body in re.findall(r"ID (\d+): (.*)\.", prompt):
         out[key] = dict(part.split(" ", 1) for part in body.split(", "))
     return out
 
 
 def asked(prompt: str) -> tuple[str, str]:
-    field, key = re.search(r"What is the (\w+) of employee ID (\d+)\?", prompt).groups()
+    field, key = re.search(r"What is the (\w+) of ID (\d+)\?", prompt).groups()
     return field, key
 
 
@@ -34,21 +34,21 @@ def one_edit(a: str, b: str) -> bool:
 
 
 def right(prompt: str) -> str:
-    if "employee ID" not in prompt:
+    if "of ID " not in prompt:
         return story_answer(prompt)
     field, key = asked(prompt)
     return records(prompt).get(key, {}).get(field, "unknown")
 
 
 def copy_lookalike(prompt: str) -> str:
-    if "employee ID" not in prompt:
+    if "of ID " not in prompt:
         return memory(prompt)
     field, key = asked(prompt)
     return next(rec[field] for k, rec in records(prompt).items() if one_edit(k, key))
 
 
 def any_value(prompt: str) -> str:
-    if "employee ID" not in prompt:
+    if "of ID " not in prompt:
         return memory(prompt)
     field, _ = asked(prompt)
     return next(iter(records(prompt).values()))[field]
@@ -116,7 +116,7 @@ def test_copying_a_lookalike_counts_as_hallucination():
 
 
 def test_unknown_is_right_only_when_the_record_was_removed():
-    res = run_with(lambda p: "unknown" if "employee ID" in p else memory(p))
+    res = run_with(lambda p: "unknown" if "of ID " in p else memory(p))
     for way in ("loglik", "greedy"):
         assert res["kv"]["present"][way]["abstain"] == 1.0 and res["kv"]["present"][way]["correct"] == 0.0
         assert res["kv"]["removed"][way]["correct"] == 1.0
@@ -144,8 +144,25 @@ def test_run_on_a_tiny_model_and_plot(tmp_path):
     assert (tmp_path / "hal.png").stat().st_size > 1000
 
 
-def test_prompts_that_do_not_fit_are_a_user_error():
+def test_documents_shrink_to_fit_the_context_or_fail_clearly():
+    res = hal.run(context(tiny_model(max_seq_len=256), options={"n_items": 2, "n_facts": 2}))
+    assert res["settings"]["records"] == 2 and res["settings"]["lookalikes"] == 1  # byte ids: 2 records fit
+    assert hal.run(context(tiny_model(max_seq_len=2048), options={"n_items": 2, "n_facts": 2}))["settings"]["records"] == 6
     with pytest.raises(UserError, match="records=N"):
+        hal.run(context(tiny_model(max_seq_len=256), options={"n_items": 1, "records": 4}))
+    with pytest.raises(UserError, match="longer context"):
         hal.run(context(tiny_model(max_seq_len=128), options={"n_items": 1}))
     with pytest.raises(UserError, match="lookalikes"):
         hal.make_kv_item(random.Random(0), removed=False, n_records=2, n_lookalikes=2)
+
+
+def test_cli_eval_task_hallucination(tmp_path, capsys):
+    from diff_transformer.cli import main
+
+    folder = model_folder(tmp_path / "model", attention="baseline", max_seq_len=512)
+    assert main(["eval", str(folder), "--task", "hallucination", "--opt", "n_items=2", "--opt", "n_facts=2",
+                 "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith("hallucination: kv_present_acc")
+    res = json.loads((folder / "evals" / "hallucination.json").read_text())
+    assert "PROXY" in res["note"] and res["kv"]["removed"]["n"] == 2
+    assert (folder / "evals" / "hallucination.png").stat().st_size > 1000

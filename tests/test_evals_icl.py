@@ -17,7 +17,7 @@ from diff_transformer.errors import UserError
 from diff_transformer.evals import icl
 from diff_transformer.evals.scoring import SharedPrefix, score_continuations
 
-from evals_helpers import RiggedLM, context, prefers, tiny_model
+from evals_helpers import RiggedLM, context, model_folder, prefers, tiny_model
 
 # ../shared/data/icl beside the repository (DIFF_TRANSFORMER_ICL_DATA elsewhere, e.g. from a git worktree)
 SHARED = Path(os.environ.get("DIFF_TRANSFORMER_ICL_DATA",
@@ -217,3 +217,19 @@ def test_run_with_a_rigged_model_scores_only_the_right_label(tmp_path):
 def test_run_needs_a_dataset():
     with pytest.raises(UserError, match="dataset=PATH"):
         icl.run(context(tiny_model()))
+
+
+def test_cli_eval_task_icl_writes_json_and_png(tmp_path, capsys):
+    from diff_transformer.cli import main
+
+    folder = model_folder(tmp_path / "model", max_seq_len=160)
+    data = write_jsonl(tmp_path / "topics.jsonl", synthetic(6))
+    assert main(["eval", str(folder), "--task", "icl", "--opt", f"dataset={data}", "--opt", "shots=1,2,99",
+                 "--opt", "orders=2", "--opt", "n_test=3", "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith("icl: acc_1shot")
+    res = json.loads((folder / "evals" / "icl.json").read_text())
+    assert res["shots"] == [1, 2] and res["dropped_shots"] == [99]
+    assert (folder / "evals" / "icl.png").stat().st_size > 1000
+    assert main(["eval", str(folder), "--task", "icl", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "dataset=PATH" in err[0]

@@ -146,3 +146,15 @@ def test_packaged_validation_sets_run_all_seven_tasks(tmp_path):
     zero_shot.plot([("DIFF", res), ("baseline", res)], tmp_path / "zs.png")
     assert (tmp_path / "zs.png").stat().st_size > 1000
     assert not math.isnan(res["summary"]["mean_acc"])
+
+
+def test_cli_eval_task_zero_shot(bpe_model, data_dir, capsys):
+    from diff_transformer.cli import main
+
+    _, _, folder = bpe_model
+    assert main(["eval", str(folder), "--task", "zero-shot", "--opt", f"data_dir={data_dir}", "--opt", "tasks=piqa",
+                 "--opt", "limit=4", "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith("zero-shot: piqa/acc")
+    res = json.loads((folder / "evals" / "zero-shot.json").read_text())
+    assert res["per_task"]["piqa"]["n"] == 4 and res["path"] in ("hf", "project")
+    assert (folder / "evals" / "zero-shot.png").stat().st_size > 1000

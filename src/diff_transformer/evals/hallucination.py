@@ -2,7 +2,7 @@
 summaries and QA, which cannot run here). Two synthetic probes, deterministic from ``ctx.seed``:
 
 (a) Key-value records ("kv"). A document lists employee records such as
-``Employee ID 4821: name Alice Moreau, city Lyon, department Finance.``; among them are look-alike
+``ID 4821: Alice Moreau, city Lyon, department Finance.``; among them are look-alike
 records whose IDs differ from the asked one by a digit or a swap (4812, 4827) and whose values differ.
 The question asks one field of one ID. Two conditions:
 
@@ -39,6 +39,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .base import EvalContext, register
+from .common import pyplot, save_figure
 from .scoring import greedy_generate, score_continuations
 
 NOTE = ("judge-free PROXY of contextual hallucination (the paper used a GPT-4o judge): synthetic key-value "
@@ -56,9 +57,8 @@ FIELDS = {
                    "Support", "Training", "Purchasing", "Facilities"],
 }
 UNKNOWN = "unknown"
-KV_HEADER = ("The following records list employees of a company. Answer the question with the requested value "
-             f"only. If the employee ID is not listed, answer {UNKNOWN}.\n\n")
-KV_QUESTION = "\n\nQuestion: What is the {field} of employee ID {key}?\nAnswer:"
+KV_HEADER = f"Answer with the value, or {UNKNOWN} if the ID is not listed.\n\n"
+KV_QUESTION = "\n\nQuestion: What is the {field} of ID {key}?\nAnswer:"
 
 # (question word, subject, common answer, the context's answer)
 FACTS: list[tuple[str, str, str, str]] = [
@@ -124,7 +124,7 @@ def lookalike_keys(key: str, n: int, rng: random.Random, taken: set[str]) -> lis
 
 
 def record_text(key: str, rec: dict) -> str:
-    return f"Employee ID {key}: name {rec['name']}, city {rec['city']}, department {rec['department']}."
+    return f"ID {key}: {rec['name']}, city {rec['city']}, department {rec['department']}."
 
 
 def make_kv_item(rng: random.Random, *, removed: bool, n_records: int = 6, n_lookalikes: int = 2) -> dict:
@@ -199,11 +199,29 @@ def _rates(outcomes: list[str]) -> dict:
     return {name: sum(o == name for o in outcomes) / n for name in ("correct", "hallucination", "abstain", "other")}
 
 
-def _fits(model, tokenizer, prompt: str, extra: int) -> None:
-    n = len(tokenizer.encode(prompt)) + extra
-    if n > model.config.max_seq_len:
-        raise UserError(f"a hallucination prompt needs {n} tokens but the model's context is "
-                        f"{model.config.max_seq_len}: use fewer records (--opt records=N)")
+def kv_items(ctx: EvalContext, condition: str, n_items: int, n_records: int, n_look: int) -> list[dict]:
+    rng = random.Random(f"hallucination-kv/{ctx.seed}/{condition}")
+    return [make_kv_item(rng, removed=condition == "removed", n_records=n_records, n_lookalikes=n_look)
+            for _ in range(n_items)]
+
+
+def fit_records(ctx: EvalContext, n_items: int, n_records: int | None, n_look: int, extra: int
+                ) -> tuple[int, int]:
+    """(records, look-alikes) per document: as given, or by default the most (up to 6) whose every
+    prompt plus ``extra`` tokens (the longest answer) fits the model's context; UserError when none fits.
+    Greedy generation stops at the context's end."""
+    limit = ctx.model.config.max_seq_len
+    tries = [n_records] if n_records is not None else range(6, 1, -1)
+    longest = 0
+    for n in tries:
+        look = min(n_look, n - 1)
+        longest = max(len(ctx.tokenizer.encode(item["prompt"])) + extra
+                      for cond in ("present", "removed") for item in kv_items(ctx, cond, n_items, n, look))
+        if longest <= limit:
+            return n, look
+    raise UserError(f"a key-value prompt needs {longest} tokens but the model's context is {limit}"
+                    + (": use fewer records (--opt records=N)" if n_records is not None else
+                       " even with 2 records: the hallucination probe needs a longer context"))
 
 
 # (b) counterfactual facts -----------------------------------------------------------------------
@@ -222,23 +240,22 @@ def make_fact_items(seed: int, n: int | None = None) -> list[dict]:
 
 def run(ctx: EvalContext) -> dict:
     model, tok = ctx.model, ctx.tokenizer
-    n_items = ctx.option("n_items", 100)
-    n_records, n_look = ctx.option("records", 6), ctx.option("lookalikes", 2)
-    max_new = ctx.option("max_new_tokens", 12)
+    n_items = ctx.option("n_items", 50)
+    n_records, n_look = ctx.option("records", None, int), ctx.option("lookalikes", 2)
+    max_new = ctx.option("max_new_tokens", 16)
     n_facts = ctx.option("n_facts", len(FACTS))
     if n_items < 1 or n_facts < 1 or max_new < 1:
         raise UserError("--opt n_items, n_facts and max_new_tokens must be positive")
+    longest_value = max(len(tok.encode(" " + v + "\n")) for v in [UNKNOWN, *FIELDS["city"], *FIELDS["department"]])
+    n_records, n_look = fit_records(ctx, n_items, n_records, n_look, longest_value)
     from tqdm import tqdm
 
     kv: dict[str, dict] = {}
     rows = []
     for condition in ("present", "removed"):
-        rng = random.Random(f"hallucination-kv/{ctx.seed}/{condition}")
-        items = [make_kv_item(rng, removed=condition == "removed", n_records=n_records, n_lookalikes=n_look)
-                 for _ in range(n_items)]
+        items = kv_items(ctx, condition, n_items, n_records, n_look)
         ll, greedy = [], []
         for item in tqdm(items, desc=f"kv {condition}", disable=not ctx.progress, leave=False):
-            _fits(model, tok, item["prompt"], max_new)
             pick = choose(model, tok, item["prompt"], kv_candidates(item), amp=ctx.amp)
             text = generate(model, tok, item["prompt"], max_new_tokens=max_new, amp=ctx.amp)
             ll.append(kv_outcome(item, pick))
@@ -281,10 +298,9 @@ def run(ctx: EvalContext) -> dict:
 
 
 def plot(results: list[tuple[str, dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
     import numpy as np
 
     groups = [("present", "loglik"), ("present", "greedy"), ("removed", "loglik"), ("removed", "greedy")]
@@ -311,10 +327,10 @@ def plot(results: list[tuple[str, dict]], path: Path) -> None:
     cf.legend(fontsize=7)
     fig.suptitle("Contextual hallucination proxies - not the paper's GPT-4o-judged rates", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 register("hallucination", run, plot, needs_data=False,
          description="judge-free contextual-hallucination proxies: key-value records with look-alikes, "
-                     "counterfactual contexts")
+                     "counterfactual contexts",
+         options=("n_items", "records", "lookalikes", "max_new_tokens", "n_facts"))

@@ -48,6 +48,7 @@ import numpy as np
 
 from ..errors import UserError
 from .base import EvalContext, register
+from .common import pyplot, save_figure
 from .scoring import SharedPrefix, score_continuations
 
 Example = tuple[str, str]  # (text, label)
@@ -418,10 +419,9 @@ def run(ctx: EvalContext) -> dict:
 
 
 def plot(results: list[tuple[str, dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     fig, (ax, box) = plt.subplots(1, 2, figsize=(13, 4.8))
     n = max(len(results), 1)
@@ -452,9 +452,10 @@ def plot(results: list[tuple[str, dict]], path: Path) -> None:
     ax.legend()
     box.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-register("icl", run, plot, needs_data=False,
-         description="many-shot in-context classification: accuracy vs demonstrations and over orders (Fig. 6, 7)")
+register("icl", run, plot, needs_data=False, in_all=False,
+         description="many-shot in-context classification: accuracy vs demonstrations and over orders (Fig. 6, 7)",
+         options=("dataset", "format", "test", "text_field", "label_field", "test_fraction", "sampling", "arrange",
+                  "orders", "n_test", "label_batch", "shots"))

