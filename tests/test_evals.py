@@ -132,7 +132,18 @@ def test_probe_reproduces_the_model_and_reports_every_layer(attention):
     assert probe.calls[0].kind == ("softmax" if attention == "baseline" else "differential")
 
 
-@pytest.mark.parametrize("attention", ["baseline", "diff"])
+def test_probe_refuses_arguments_it_does_not_know():
+    from diff_transformer.attention import softmax_attention
+    from diff_transformer.attention.probe import ProbeUnsupported
+
+    q = torch.randn(1, 2, 4, 8)
+    with AttentionProbe():
+        softmax_attention(q, q, q, bias=None)  # an unknown keyword left at None passes
+        with pytest.raises(ProbeUnsupported, match="bias"):
+            softmax_attention(q, q, q, bias=torch.zeros(4, 4))
+
+
+@pytest.mark.parametrize("attention", ["baseline", "diff", "diff_v2"])
 def test_attention_mass_uniform_attention_by_hand(attention):
     model = tiny_model(attention, n_layers=1)
     with torch.no_grad():
@@ -148,6 +159,8 @@ def test_attention_mass_uniform_attention_by_hand(attention):
     scale = 1 - model.layers[0].self_attn.lambda_init if attention == "diff" else 1.0
     assert got["answer"][0] == pytest.approx(expect_answer, rel=1e-5)
     assert got["noise"][0] == pytest.approx(expect_noise, rel=1e-5)
+    if attention == "diff_v2":  # λ per token: rows sum to 1 − λ_t, only the normalised masses are known
+        return
     assert got["raw_answer"][0] == pytest.approx(scale * expect_answer, rel=1e-5)
     assert got["row_sum"][0] == pytest.approx(scale, rel=1e-5)
     if attention == "diff":
@@ -300,6 +313,13 @@ def test_eval_compare_table_and_plots(runs, tmp_path, capsys):
     assert cell["n"] == 1 and cell["std"] is None and math.isfinite(cell["mean"])
     for name in ("perplexity", "lambda", "needle"):
         assert (out / f"{name}.png").is_file()
+    capsys.readouterr()
+    assert main(["eval-compare", f"{runs['diff']},{runs['diff']}", str(runs["baseline"]), "--label", "D", "B",
+                 "--task", "lambda", "--out", str(tmp_path / "groups"), "--no-progress"]) == 0
+    assert "| lambda | lambda_mean | " in capsys.readouterr().out
+    assert "D (n=2)" in (tmp_path / "groups" / "evals.md").read_text()
+    assert main(["eval-compare", str(runs["diff"]), "--label", "a", "b", "--task", "lambda", "--out",
+                 str(tmp_path / "bad")]) == 2 and not (tmp_path / "bad").exists()
     # groups: the same run twice as two "seeds" gives a zero std
     res = runner.evaluate_runs({"D": [runs["diff"], runs["diff"]]}, ["perplexity"], data_cache=runs["cache"],
                                progress=False, write_runs=False, echo=None)
@@ -307,9 +327,10 @@ def test_eval_compare_table_and_plots(runs, tmp_path, capsys):
 
 
 def test_no_matplotlib_json_still_written(runs, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
     run = runs["baseline"]
-    (run / "evals" / "lambda.png").unlink(missing_ok=True)
+    assert main(["eval", str(run), "--task", "lambda", "--no-progress"]) == 0
+    assert (run / "evals" / "lambda.png").is_file()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["eval", str(run), "--task", "lambda", "--no-progress"]) == 0
     assert strict_json(run / "evals" / "lambda.json")["lambda"] == "no λ"
     assert not (run / "evals" / "lambda.png").exists()
@@ -343,3 +364,20 @@ def test_model_folder_needs_data_option_and_writable_folder(runs, tmp_path, caps
     finally:
         (folder / "evals").chmod(0o700)
         folder.chmod(0o700)
+
+
+def test_a_crash_keeps_the_finished_tasks(runs, monkeypatch, tmp_path):
+    import shutil
+
+    from diff_transformer.evals.base import TASKS, Task
+
+    def boom(ctx):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(TASKS, "boom", Task("boom", boom, None, "fails", needs_data=False, options=()))
+    run = tmp_path / "run"
+    shutil.copytree(runs["diff"], run, ignore=shutil.ignore_patterns("evals"))
+    with pytest.raises(RuntimeError, match="boom"):
+        runner.evaluate_path(run, ["lambda", "boom"], progress=False)
+    assert strict_json(run / "evals" / "lambda.json")["final"]
+    assert not (run / "evals" / "boom.json").exists()

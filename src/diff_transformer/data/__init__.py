@@ -3,6 +3,7 @@
 from .batches import Batches, eval_batches
 from .config import DataConfig
 from .corpora import BUILTIN_CORPORA, Corpus, open_corpus
+from .mix import NeedleMix, build_mix
 from .shards import Dataset, prepare_dataset
 from .tokenizer import EOS_TEXT, BPETokenizer, ByteTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer
 
@@ -15,8 +16,10 @@ __all__ = [
     "DataConfig",
     "Dataset",
     "EOS_TEXT",
+    "NeedleMix",
     "TiktokenTokenizer",
     "Tokenizer",
+    "build_mix",
     "eval_batches",
     "load_tokenizer",
     "open_corpus",

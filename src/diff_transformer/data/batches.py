@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from .mix import NeedleMix
 
 
 class Batches:
@@ -16,10 +20,13 @@ class Batches:
     The global batch of ``step`` is ``batch_size`` window starts drawn uniformly from a generator seeded
     with ``(seed, step)``; rank ``r`` of ``W`` takes rows ``[r*B/W, (r+1)*B/W)``. So resuming at any step
     needs no saved data state, and ``W`` processes together see exactly the one-process batch. Windows
-    may cross document boundaries (the EOS between documents is a token like any other).
+    may cross document boundaries (the EOS between documents is a token like any other). With a
+    ``mix`` (``data.mix``), some rows then become synthetic examples, also a pure function of
+    ``(seed, step, row)`` (see ``data/mix.py``); without one the batches are as they always were.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int) -> None:
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int,
+                 mix: NeedleMix | None = None) -> None:
         if batch_size <= 0 or seq_len <= 0:
             raise UserError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
         if seed < 0:
@@ -33,6 +40,7 @@ class Batches:
         self.batch_size = batch_size  # global rows per step, over all ranks
         self.seq_len = seq_len  # tokens per row
         self.seed = seed  # with the step, fixes every batch
+        self.mix = mix  # turns some training rows into synthetic examples; None = plain windows
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)``, both int64 ``(batch_size // world_size, seq_len)``; ``y[:, t] = x[:, t + 1]`` in the text."""
@@ -48,7 +56,13 @@ class Batches:
         rng = np.random.default_rng((self.seed, step))
         starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)  # (B,)
         rows = self.batch_size // world_size
-        return _windows(self.tokens, starts[rank * rows : (rank + 1) * rows], self.seq_len)
+        first = rank * rows
+        windows = _rows(self.tokens, starts[first : first + rows], self.seq_len)  # (R, L+1)
+        if self.mix is not None:
+            mixed = self.mix.mixed_rows(self.seed, step, self.batch_size)[first : first + rows]  # (R,)
+            for i in np.flatnonzero(mixed):
+                windows[i] = self.mix.example(windows[i], self.seed, step, first + int(i))
+        return _split(windows)
 
 
 def eval_batches(
@@ -80,9 +94,14 @@ def _eval_iter(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for b in range(n_batches):
         starts = np.arange(b * batch_size, min((b + 1) * batch_size, n_windows)) * seq_len
-        yield _windows(tokens, starts, seq_len)
+        yield _split(_rows(tokens, starts, seq_len))
 
 
-def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64))  # (R, L+1)
-    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (R, L), (R, L)
+def _rows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> np.ndarray:
+    return np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)  # (R, L+1)
+
+
+def _split(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets of ``rows`` ``(R, L+1)``: two int64 tensors ``(R, L)``."""
+    t = torch.from_numpy(rows)
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (R, L), (R, L)

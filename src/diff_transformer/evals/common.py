@@ -204,3 +204,10 @@ def label_colors(n: int) -> list:
 
     cmap = plt.get_cmap("tab10")
     return [cmap(i % 10) for i in range(n)]
+
+
+def integer_ticks():
+    """A tick locator for layer axes (whole numbers only)."""
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import EvalContext, register
-from .common import pyplot, save_figure
+from .common import integer_ticks, pyplot, save_figure
 
 
 def run(ctx: EvalContext) -> dict:
@@ -64,6 +64,7 @@ def plot(results: list[tuple[str, dict]], path: Path) -> None:
             ax.legend(fontsize=6)
     if not with_lambda:
         axes[0].text(0.5, 0.5, "no λ (not a DIFF V1 model)", ha="center", transform=axes[0].transAxes)
+    axes[1].xaxis.set_major_locator(integer_ticks())
     save_figure(fig, path)
 
 

@@ -13,7 +13,8 @@ one prompt, scored two ways:
   (chance: (needles + 1) / 2). A graded signal where small models never generate the number.
 
 Options: ``contexts`` (comma list; default max_seq_len / 4, / 2 and max_seq_len), ``depths``
-(default 0,0.25,0.5,0.75,1), ``needles`` (4), ``asked`` (1), ``samples`` (4), ``generate`` (true:
+(default 0,0.25,0.5,0.75,1), ``needles`` (4, fewer, down to 2, when the longest context cannot hold 4
+in half its length), ``asked`` (1), ``samples`` (4), ``generate`` (true:
 also the exact-match score), ``haystack`` (a text file).
 """
 
@@ -25,10 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import synthetic as syn
 from ..data.synthetic import make_needle_example
 from ..errors import UserError
 from .base import EvalContext, register
-from .common import autocast, float_list, haystack_ids, int_list, positive, progress, pyplot, require_data, save_figure
+from .common import float_list, haystack_ids, int_list, positive, progress, pyplot, require_data, save_figure
 
 DEFAULT_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 _LEADING_NUMBER = re.compile(r"\s*(\d+)")
@@ -89,6 +91,18 @@ def greedy_text(model, tokenizer, prompt: list[int], max_new: int, device: torch
     return tokenizer.decode(new)
 
 
+def default_needles(ctx: EvalContext, context: int, wanted: int = 4) -> int:
+    """``wanted`` needles, or fewer (at least 2, so the rank score has a wrong candidate) so that needles
+    and question fill at most half of ``context``.
+
+    A byte-level tokenizer spends ~55 tokens on one needle: a 256-token model gets 2 (and a short haystack).
+    """
+    longest = max(syn.EVAL_CITIES, key=len)
+    per_needle = len(ctx.tokenizer.encode(" " + syn.NEEDLE_TEMPLATE.format(city=longest, number=9_999_999)))
+    question = len(syn.question_ids(ctx.tokenizer, longest)) + per_needle
+    return max(2, min(wanted, (context // 2 - question) // per_needle))
+
+
 def settings(ctx: EvalContext) -> dict:
     max_len = ctx.model.config.max_seq_len
     contexts = int_list(ctx, "contexts", sorted({max(2, max_len // 4), max(2, max_len // 2), max_len}))
@@ -97,7 +111,7 @@ def settings(ctx: EvalContext) -> dict:
     depths = float_list(ctx, "depths", DEFAULT_DEPTHS)
     if any(not 0 <= d <= 1 for d in depths):
         raise UserError(f"--opt depths={ctx.options.get('depths')}: depths are fractions in [0, 1]")
-    needles = positive("needles", ctx.option("needles", 4))
+    needles = positive("needles", ctx.option("needles", default_needles(ctx, max(contexts))))
     asked = positive("asked", ctx.option("asked", 1))
     if asked > needles:
         raise UserError(f"--opt asked={asked} exceeds needles={needles}")
@@ -125,9 +139,9 @@ def evaluate_needles(ctx: EvalContext, contexts: list[int], depths: list[float],
             needle_depths = [d] * asked + rng.uniform(0, 1, needles - asked).tolist()
             try:  # one token is left for the exact-match check after the answer
                 ex = make_needle_example(rng, hay, ctx.tokenizer, c - 1, needle_depths, needles, asked, "eval")
-            except ValueError:
+            except ValueError:  # this draw's cities make the needles too long for c
                 skipped.append(c)
-                break
+                continue
             cands = ex.candidate_ids()
             for j, prompt in enumerate(ex.prompts):
                 lps = candidate_logprobs(ctx.model, prompt, cands, ctx.device, ctx.amp)
@@ -153,8 +167,8 @@ def evaluate_needles(ctx: EvalContext, contexts: list[int], depths: list[float],
         "chance_rank_acc": 1.0 / needles,
         "haystack_repeated": repeated,
     }
-    if skipped:
-        result["skipped_contexts"] = sorted(set(skipped))
+    if skipped:  # samples whose needles and question did not fit the context, per context length
+        result["skipped_samples"] = {str(c): skipped.count(c) for c in sorted(set(skipped))}
     return result
 
 

@@ -23,7 +23,8 @@ from ..attention.probe import AttentionProbe
 from ..data import eval_batches
 from ..errors import UserError
 from .base import EvalContext, register
-from .common import autocast, positive, probing, progress, pyplot, require_data, require_probe_support, run_config, save_figure
+from .common import (autocast, integer_ticks, positive, probing, progress, pyplot, require_data, require_probe_support,
+                     run_config, save_figure)
 
 TOP_K = (1, 2, 3, 10, 100)
 
@@ -137,6 +138,8 @@ def plot(results: list[tuple[str, dict]], path: Path) -> None:
         ax.set_xlabel("layer")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
+    for ax in fig.axes:
+        ax.xaxis.set_major_locator(integer_ticks())
     save_figure(fig, path)
 
 

@@ -54,7 +54,9 @@ def quantizer(bits: int, granularity: str):
     return lambda logits, mask: absmax_quantize(logits, bits, mask, granularity)
 
 
-def _zero_shot_scorer(ctx: EvalContext):
+def zero_shot_scorer(ctx: EvalContext):
+    """The zero-shot hook: with ``--opt zero_shot=true``, ``evals/zero_shot.py``'s ``score_model(ctx) -> dict``
+    (called once per width, under the quantizing probe), else None."""
     if not ctx.option("zero_shot", False):
         return None
     try:
@@ -80,7 +82,7 @@ def run(ctx: EvalContext) -> dict:
     needle_cfg = needle.settings(ctx)
     if "contexts" not in ctx.options:
         needle_cfg["contexts"] = [ctx.model.config.max_seq_len]
-    zero_shot = _zero_shot_scorer(ctx)
+    zero_shot = zero_shot_scorer(ctx)
 
     def measure(label: str, transform) -> dict:
         with probing(ctx.model, AttentionProbe(logits_transform=transform)):

@@ -8,7 +8,8 @@
   model in ``out``. ``diff-transformer eval-compare`` and the training ``compare`` call it.
 
 Nothing is written until every task of every model has finished, so a bad option or a missing
-input (a UserError) leaves every folder as it was.
+input (a UserError) leaves every folder as it was; when ``evaluate_path`` is stopped by anything
+else (a crash, Ctrl-C), the tasks that finished are written.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -170,12 +172,16 @@ def summary_line(name: str, result: dict) -> str:
     return f"{name}: " + (", ".join(parts) if parts else str(result.get("lambda", "done")))
 
 
-def run_tasks(ctx: EvalContext, tasks: Sequence[Task], echo=None) -> dict[str, dict]:
-    """``{task name: result}``; ``echo(line)`` gets each task's one-line summary as it finishes."""
-    results = {}
+def run_tasks(ctx: EvalContext, tasks: Sequence[Task], echo=None, into: dict | None = None) -> dict[str, dict]:
+    """``{task name: result}`` (filled into ``into`` as tasks finish, if given); ``echo(line)`` gets each
+    task's one-line summary as it finishes."""
+    results = {} if into is None else into
     for task in tasks:
         torch.manual_seed(ctx.seed)
         result = task.run(ctx)
+        result.setdefault("meta", {"task": task.name, "model_dir": str(ctx.model_dir), "attention":
+                                   ctx.model.config.attention, "seed": ctx.seed, "options": dict(ctx.options),
+                                   "device": str(ctx.device), "amp_bf16": ctx.amp})
         dumps(result)  # fail here, before anything is written, if a task returned something not strict JSON
         results[task.name] = result
         if echo is not None:
@@ -185,6 +191,7 @@ def run_tasks(ctx: EvalContext, tasks: Sequence[Task], echo=None) -> dict[str, d
 
 def draw(task: Task, labelled: list[tuple[str, dict]], path: Path) -> bool:
     """Draw ``path`` with ``task.plot``; False (with a warning) when there is no PNG."""
+    path.unlink(missing_ok=True)  # never leave an older run's figure beside new numbers
     if task.plot is None:
         return False
     try:
@@ -215,7 +222,16 @@ def evaluate_path(path, tasks, *, device: str = "cpu", data_cache=None, options:
     ctx = build_context(path, tasks=tasks, device=device, data_cache=data_cache, options=options, seed=seed,
                         progress=progress)
     out = output_folder(ctx.run_dir, ctx.model_dir)
-    results = run_tasks(ctx, tasks, echo)
+    results: dict[str, dict] = {}
+    try:
+        run_tasks(ctx, tasks, echo, into=results)
+    except UserError:
+        raise  # bad input: nothing is written
+    except BaseException:  # a crash or Ctrl-C: keep what finished
+        if results:
+            write_results(out, results, _default_label(ctx))
+            print(f"note: wrote the finished tasks ({', '.join(results)}) to {out}", file=sys.stderr)
+        raise
     write_results(out, results, _default_label(ctx))
     return results
 
@@ -236,8 +252,9 @@ def _fmt(cell: dict) -> str:
     if cell["mean"] is None:
         return "–"
     s = f"{cell['mean']:.4g}"
-    if cell["std"] is not None:
-        s += f" ± {cell['std']:.2g}"
+    if cell["std"] is not None:  # several runs: mean ± std, then each run's value
+        each = ", ".join("–" if v is None else f"{v:.4g}" for v in cell["values"])
+        s += f" ± {cell['std']:.2g} ({each})"
     return s
 
 

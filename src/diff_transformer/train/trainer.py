@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..data import Batches, prepare_dataset
+from ..data import Batches, build_mix, prepare_dataset
 from ..errors import UserError
 from ..model import DiffTransformerLM
 from ..serialization import WEIGHTS_NAME, load_config, load_state
@@ -167,7 +167,8 @@ class Trainer:
         self._eval_model = self.forward if self.mode != "ddp" else (
             torch.compile(self.model) if cfg.compile else self.model)
         self.optimizer = build_optimizer(self.model, cfg)  # after fully_shard, over the sharded parameters
-        self.batches = Batches(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed)
+        self.batches = Batches(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed,
+                               mix=build_mix(run.data.mix, dataset.tokenizer, cfg.seq_len))
         self.total_steps = cfg.total_steps
         self.step = 0
         self.metrics: list[dict] = []
