@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diff_transformer.data.tokenizer import ByteTokenizer
 from diff_transformer.errors import UserError
 from diff_transformer.evals import icl
 from diff_transformer.evals.scoring import SharedPrefix, score_continuations
@@ -111,6 +112,19 @@ def test_orders_are_permutations_deterministic_and_differ():
     assert sorted(alt) == sorted(demos)
     labels = [lab for _, lab in alt]
     assert labels[:3] == labels[3:6] == labels[6:9] and len(set(labels[:3])) == 3  # cycles over the labels
+
+
+def test_demonstration_sets_are_nested_and_prefix_lengths_stop_past_the_budget():
+    pool = synthetic(6)
+    seq = icl.demonstration_sequence(pool, "balanced", 4)
+    assert sorted(seq) == sorted(pool) and seq == icl.demonstration_sequence(pool, "balanced", 4)
+    assert seq != icl.demonstration_sequence(pool, "balanced", 5)
+    assert all(len({lab for _, lab in seq[3 * i:3 * i + 3]}) == 3 for i in range(6))  # each prefix balanced
+    enc = icl.Encoded.build(ByteTokenizer(), pool, pool[:1], TOPICS)
+    lengths = icl.prefix_lengths(enc, seq, 100)
+    per_demo = [len(enc.demos[d]) for d in seq]
+    assert lengths[0] == 0 and all(lengths[k] == sum(per_demo[:k]) for k in lengths)
+    assert lengths[max(lengths)] > 100 >= lengths[max(lengths) - 1]
 
 
 def test_fitting_shots_keeps_what_fits_and_names_the_rest():

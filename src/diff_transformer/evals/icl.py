@@ -27,7 +27,8 @@ input and label (:class:`~.scoring.SharedPrefix`).
 Demonstrations: ``sampling=balanced`` (round robin over labels, each label's examples in a seeded
 order; the default) or ``random``; ``arrange=shuffle`` (a seeded random order; the default) or
 ``alternate`` (cycling over the labels, Figure 7b). For each shot count, one demonstration set is drawn
-and ``orders`` (default 5) different arrangements of it are evaluated on the same test inputs. Shot
+and ``orders`` (default 5) different arrangements of it are evaluated on the same test inputs. The sets
+are nested: the k-shot set is the first k of one seeded (balanced or random) sequence of the pool. Shot
 counts: ``--opt shots=1,4,16`` or by default 1, 2, 4, ... and the largest that fits; a count whose
 prompt (demonstrations + the longest test input + the longest label) exceeds ``max_seq_len`` is
 dropped and listed in ``dropped_shots``.
@@ -302,12 +303,21 @@ def fitting_shots(requested: list[int] | None, demo_lengths: dict[int, int], bud
     return kept, [k for k in requested if k not in kept]
 
 
-def prefix_lengths(enc: Encoded, pool: list[Example], max_k: int, sampling: str, seed: int) -> dict[int, int]:
-    """Prompt length of the demonstration set of every shot count 1..max_k (the order does not change it)."""
-    out = {}
-    for k in range(1, max_k + 1):
-        demos = sample_demonstrations(pool, k, sampling=sampling, rng=demo_rng(seed, k, -1))
-        out[k] = sum(len(enc.demos[d]) for d in demos)
+def demonstration_sequence(pool: list[Example], sampling: str, seed: int) -> list[Example]:
+    """One seeded order of the whole pool; the k-shot demonstrations are its first k (nested sets, so a
+    larger shot count adds demonstrations to a smaller one's and a balanced prefix stays balanced)."""
+    return sample_demonstrations(pool, len(pool), sampling=sampling, rng=demo_rng(seed, 0, -1))
+
+
+def prefix_lengths(enc: Encoded, sequence: list[Example], budget: int) -> dict[int, int]:
+    """Prompt length of the first k demonstrations for k = 0, 1, ... up to the first that exceeds ``budget``
+    (the order within a set does not change it)."""
+    out, total = {0: 0}, 0
+    for k, demo in enumerate(sequence, 1):
+        total += len(enc.demos[demo])
+        out[k] = total
+        if total > budget:
+            break
     return out
 
 
@@ -362,10 +372,8 @@ def run(ctx: EvalContext) -> dict:
     budget = context - max(len(q) for q in enc.queries) - max(len(v) for v in enc.labels.values())
     if budget < 0:
         raise UserError(f"the longest test input and label do not fit the model's context of {context} tokens")
-    shortest = min(len(v) for v in enc.demos.values())
-    max_k = min(len(pool), max(requested or [0]) or budget // max(shortest, 1))
-    lengths = prefix_lengths(enc, pool, max_k, sampling, ctx.seed)
-    lengths[0] = 0
+    sequence = demonstration_sequence(pool, sampling, ctx.seed)
+    lengths = prefix_lengths(enc, sequence, budget)
     kept, dropped = fitting_shots(requested, lengths, budget)
     if not kept:
         raise UserError(f"no shot count fits the model's context of {context} tokens "
@@ -376,7 +384,7 @@ def run(ctx: EvalContext) -> dict:
     per_shot = []
     bar = tqdm(total=len(kept) * n_orders * len(test), desc="icl", disable=not ctx.progress, leave=False)
     for k in kept:
-        demo_set = sample_demonstrations(pool, k, sampling=sampling, rng=demo_rng(ctx.seed, k, -1)) if k else []
+        demo_set = sequence[:k]
         accs, accs_norm = [], []
         for o in range(n_orders if k > 1 else 1):  # one demonstration has one order
             demos = arrange(demo_set, how=how, rng=demo_rng(ctx.seed, k, o)) if k else []
@@ -404,7 +412,8 @@ def run(ctx: EvalContext) -> dict:
     notes = [f"prompt format: {PROMPT_FORMAT!r}; labels scored by summed log-probability (acc) and per token "
              "(acc_norm)"]
     if dropped:
-        notes.append(f"shot counts {dropped} do not fit the context of {context} tokens and were dropped")
+        notes.append(f"shot counts {dropped} do not fit the context of {context} tokens (or exceed the "
+                     f"{len(pool)} demonstrations) and were dropped")
     if missing:
         notes.append(f"test labels never seen in the demonstration pool: {missing[:10]}")
     return {
