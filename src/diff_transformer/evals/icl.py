@@ -382,11 +382,12 @@ def run(ctx: EvalContext) -> dict:
     from tqdm import tqdm
 
     per_shot = []
-    bar = tqdm(total=len(kept) * n_orders * len(test), desc="icl", disable=not ctx.progress, leave=False)
+    n_runs = sum(n_orders if k > 1 else 1 for k in kept)  # 0 or 1 demonstration has one order
+    bar = tqdm(total=n_runs * len(test), desc="icl", disable=not ctx.progress, leave=False)
     for k in kept:
         demo_set = sequence[:k]
         accs, accs_norm = [], []
-        for o in range(n_orders if k > 1 else 1):  # one demonstration has one order
+        for o in range(n_orders if k > 1 else 1):
             demos = arrange(demo_set, how=how, rng=demo_rng(ctx.seed, k, o)) if k else []
             ids = enc.prompt_ids(demos)
             prefix = SharedPrefix(ctx.model, ids, amp=ctx.amp) if ids else None

@@ -188,8 +188,9 @@ def _project_lm_class():
             limit = self.model.config.max_seq_len
             groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = defaultdict(list)
             for i, (_, context, continuation) in enumerate(requests):
-                if not continuation:
-                    raise UserError("lm-eval asked for the log-likelihood of an empty continuation")
+                if not continuation or len(continuation) > limit:
+                    raise UserError(f"a choice of {len(continuation)} tokens cannot be scored by a model whose "
+                                    f"context is {limit} tokens")
                 whole = (context + continuation)[-(limit + 1):]  # as lm-eval's hf model: the input keeps its end
                 groups[tuple(whole[:-len(continuation)])].append((i, continuation))
             out: list[tuple[float, bool] | None] = [None] * len(requests)
