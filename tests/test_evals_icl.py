@@ -198,6 +198,16 @@ def test_shared_datasets_load(fmt, folder, n_train, n_test, n_labels):
     assert all(t and lab and "_" not in lab for t, lab in pool[:200])
 
 
+@needs_shared
+def test_run_on_shared_trec_and_a_clinc_file():
+    model = tiny_model(max_seq_len=384)
+    res = icl.run(context(model, options={"dataset": SHARED / "trec", "format": "trec", "shots": "1,2",
+                                          "orders": 2, "n_test": 3}))
+    assert res["n_labels"] == 6 and res["n_pool"] == 5452 and res["shots"] == [1, 2]
+    pool, test = icl.load_splits(str(SHARED / "clinc150" / "data_full.json"))  # suffix .json: clinc150, own test split
+    assert (len(pool), len(test)) == (15000, 4500)
+
+
 # End to end ------------------------------------------------------------------------------------
 def test_run_on_a_tiny_model_fits_the_context_and_plots(tmp_path):
     data = write_jsonl(tmp_path / "topics.jsonl", synthetic(6))

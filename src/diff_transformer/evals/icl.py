@@ -204,6 +204,8 @@ def load_splits(dataset: str, fmt: str | None = None, test: str | None = None, *
         test_path = test_path or _in_folder(path, fmt, "test")
         path = train_path
     fmt = fmt or _guess_format(path)
+    if fmt == "clinc150" and test_path is None:
+        test_path = path  # the file holds its own test split
     pool = load_file(path, fmt, "train", **kw)
     if test_path is not None:
         if not test_path.is_file():
