@@ -72,8 +72,8 @@ def prefers(text: str, tokenizer=None, logprob: float = math.log(0.9)):
 
 def tiny_model(attention: str = "diff", vocab_size: int = 257, max_seq_len: int = 256, seed: int = 0,
                **extra) -> DiffTransformerLM:
-    cfg = ModelConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, ffn_dim=64, max_seq_len=max_seq_len,
-                      attention=attention, attn_backend="reference" if attention != "diff_v2" else "auto", **extra)
+    cfg = ModelConfig(**{**dict(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, ffn_dim=64,
+                                max_seq_len=max_seq_len, attention=attention, attn_backend="reference"), **extra})
     model = DiffTransformerLM(cfg, seed=seed).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # larger random weights than the init, so that scores differ between inputs

@@ -63,9 +63,10 @@ def test_length_normalisation_can_disagree_with_the_sum():
     assert (pred, pred_norm) == ("a", "bbbbbb")
 
 
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
 @pytest.mark.parametrize("attention", ["diff", "baseline", "diff_v2"])
-def test_shared_prefix_gives_the_full_sequence_scores(attention):
-    model = tiny_model(attention)
+def test_shared_prefix_gives_the_full_sequence_scores(attention, backend):
+    model = tiny_model(attention, attn_backend=backend)
     gen = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, 256, (40,), generator=gen).tolist()
     ctx_ids = torch.randint(0, 256, (7,), generator=gen).tolist()
