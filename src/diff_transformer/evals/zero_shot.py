@@ -37,7 +37,6 @@ quantization task).
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import logging
 import os
@@ -225,11 +224,41 @@ def _quiet_logger(name: str):
         logger.setLevel(level)
 
 
+def _silenced(bar):
+    """``bar`` (tqdm) with ``disable=True`` whatever the caller passes."""
+    return lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
+
+
+@contextlib.contextmanager
+def _no_bars(hf: bool):
+    """No progress bars from lm-eval (request building and scoring) and, on the hf path, transformers."""
+    from unittest import mock
+
+    import lm_eval.api.model
+    import lm_eval.api.task
+
+    modules = [lm_eval.api.task, lm_eval.api.model]
+    if hf:
+        import lm_eval.models.huggingface
+        from transformers.utils import logging as tf_logging
+
+        modules.append(lm_eval.models.huggingface)
+        was_on = tf_logging.is_progress_bar_enabled()
+        tf_logging.disable_progress_bar()
+    with contextlib.ExitStack() as stack:
+        for mod in modules:
+            stack.enter_context(mock.patch.object(mod, "tqdm", _silenced(mod.tqdm)))
+        try:
+            yield
+        finally:
+            if hf and was_on:
+                tf_logging.enable_progress_bar()
+
+
 def _evaluate(lm, model_args: dict | None, tasks: list, limit: int | None, batch_size: int, device: str,
               progress: bool) -> dict:
     from unittest import mock
 
-    import lm_eval.api.task
     import lm_eval.evaluator
     import lm_eval.loggers.utils
     from lm_eval import simple_evaluate
@@ -240,10 +269,12 @@ def _evaluate(lm, model_args: dict | None, tasks: list, limit: int | None, batch
     if model_args is not None:
         kwargs.update(model_args=model_args, device=device)
     no_git = lambda: None  # noqa: E731  (lm-eval runs `git describe` in the cwd and lets git print to stderr)
-    bar = lm_eval.api.task.tqdm if progress else functools.partial(lm_eval.api.task.tqdm, disable=True)
-    with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", no_git), \
-            mock.patch.object(lm_eval.loggers.utils, "get_git_commit_hash", no_git), \
-            mock.patch.object(lm_eval.api.task, "tqdm", bar), _quiet_logger("lm_eval"):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", no_git))
+        stack.enter_context(mock.patch.object(lm_eval.loggers.utils, "get_git_commit_hash", no_git))
+        stack.enter_context(_quiet_logger("lm_eval"))
+        if not progress:
+            stack.enter_context(_no_bars(model_args is not None))
         out = simple_evaluate(**kwargs)
     per_task = {}
     for name, metrics in out["results"].items():
@@ -341,7 +372,8 @@ def run(ctx: EvalContext) -> dict:
     from ..hf import export_hf
 
     with tempfile.TemporaryDirectory(prefix="zero-shot-hf-") as tmp:
-        export = export_hf(ctx.model, tokenizer_dir(ctx.model_dir), Path(tmp) / "hf")
+        with _no_bars(True) if not ctx.progress else contextlib.nullcontext():
+            export = export_hf(ctx.model, tokenizer_dir(ctx.model_dir), Path(tmp) / "hf")
         dtype = "bfloat16" if ctx.amp and ctx.device.type == "cuda" else "float32"
         model_args = {"pretrained": str(export.out_dir), "dtype": dtype, "trust_remote_code": False}
         per_task = _evaluate("hf", model_args, build_tasks(names, data_dir), limit, batch_size, str(ctx.device),
