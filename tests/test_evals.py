@@ -283,6 +283,10 @@ def test_eval_all_tasks_writes_strict_json_and_png(runs, capsys):
     assert len(lam["final"]) == 2 and lam["steps"] == [0, 1, 2] and lam["any_nonpositive"] is False
     q = strict_json(run / "evals" / "quantization.json")
     assert q["granularity"] == "row" and [r["bits"] for r in q["by_bits"]] == ["16", "4"]
+    # the perplexity task is the plain `eval`'s number on the same windows
+    assert main(["eval", str(run), "--batches", "1", "--data-cache", str(runs["cache"])]) == 0
+    plain = float(capsys.readouterr().out.split("val loss ")[1].split(",")[0])
+    assert strict_json(run / "evals" / "perplexity.json")["val_loss"] == pytest.approx(plain, abs=1e-4)
 
 
 def test_eval_bad_input_exit_2_one_line_folder_unchanged(runs, capsys):
