@@ -36,10 +36,12 @@ MAX_DOCUMENT_TOKENS = 4_000_000  # held-out tokens decoded into documents (the f
 
 
 def load_tasks() -> dict[str, Task]:
-    """Every registered task (imports the modules of evals/__init__.py's TASK_MODULES once)."""
+    """Every registered task (imports the modules of evals/__init__.py's TASK_MODULES once), in the order of
+    TASK_MODULES whatever order the modules were first imported in."""
     for name in TASK_MODULES:
         importlib.import_module(f"{__package__}.{name}")
-    return TASKS
+    rank = {f"{__package__}.{name}": i for i, name in enumerate(TASK_MODULES)}
+    return dict(sorted(TASKS.items(), key=lambda item: rank.get(item[1].run.__module__, len(rank))))
 
 
 def select_tasks(names: str | Sequence[str]) -> list[Task]:
