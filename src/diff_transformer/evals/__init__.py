@@ -12,4 +12,7 @@ TASK_MODULES: list[str] = [
     "quantization",
     "lambda_",
     # evals2 tasks (icl, hallucination, zero_shot) go below this line.
+    "icl",
+    "hallucination",
+    "zero_shot",
 ]

@@ -36,14 +36,17 @@ MAX_DOCUMENT_TOKENS = 4_000_000  # held-out tokens decoded into documents (the f
 
 
 def load_tasks() -> dict[str, Task]:
-    """Every registered task (imports the modules of evals/__init__.py's TASK_MODULES once)."""
+    """Every registered task (imports the modules of evals/__init__.py's TASK_MODULES once), in the order of
+    TASK_MODULES whatever order the modules were first imported in."""
     for name in TASK_MODULES:
         importlib.import_module(f"{__package__}.{name}")
-    return TASKS
+    rank = {f"{__package__}.{name}": i for i, name in enumerate(TASK_MODULES)}
+    return dict(sorted(TASKS.items(), key=lambda item: rank.get(item[1].run.__module__, len(rank))))
 
 
 def select_tasks(names: str | Sequence[str]) -> list[Task]:
-    """Tasks by name (a comma list or a sequence; "all" = every registered task), in the order given."""
+    """Tasks by name (a comma list or a sequence; "all" = every registered task that needs no inputs of its
+    own, i.e. registered with ``in_all=True``), in the order given."""
     tasks = load_tasks()
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
@@ -51,7 +54,7 @@ def select_tasks(names: str | Sequence[str]) -> list[Task]:
         raise UserError(f"no task named: give --task NAME[,NAME...] or --task all (known: {', '.join(tasks)})")
     chosen: list[str] = []
     for n in names:
-        for m in (list(tasks) if n == "all" else [n]):
+        for m in ([k for k, t in tasks.items() if t.in_all] if n == "all" else [n]):
             if m not in tasks:
                 raise UserError(f"unknown task {m!r}: known tasks are {', '.join(tasks)} (or all)")
             if m not in chosen:
