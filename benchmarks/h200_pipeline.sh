@@ -13,7 +13,13 @@ set -uo pipefail
 R=${R:-runs/h200}
 CACHE=$R/cache
 DT=(python -m diff_transformer.cli)
-GPU_JOBS=${GPU_JOBS:-6}
+GPU_JOBS=${GPU_JOBS:-5}
+export OMP_NUM_THREADS=1  # every training process single-threaded on the host: 2 GPU lanes + 4 CPU runs share 16 cores
+# Evaluation of the retrieval pair: every task of `--task all`, plus icl and zero-shot when their data is
+# given (ICL_DATA: a TREC folder as in the icl task's docs; ZS_DATA: the zero-shot validation sets).
+EVAL_TASKS=all; EVAL_OPTS=()
+[ -n "${ICL_DATA:-}" ] && { EVAL_TASKS+=,icl; EVAL_OPTS+=(dataset=$ICL_DATA format=trec); }
+[ -n "${ZS_DATA:-}" ] && { EVAL_TASKS+=,zero-shot; EVAL_OPTS+=(data_dir=$ZS_DATA limit=${ZS_LIMIT:-500}); }
 mkdir -p "$R"
 S34=(seq_len=512 batch_size=32 tokens=10000000 lr=1.5e-3 warmup_steps=100 eval_every=50 eval_batches=10
      ckpt_every=0 log_every=10 data.source=library)
@@ -30,7 +36,7 @@ lane_tiny_cpu() {  # the small-scale grid at `tiny` on the CPU (compare's defaul
   for init in hf official; do
     log "tiny-$init start"
     CUDA_VISIBLE_DEVICES= sweep --preset tiny --set train.device=cpu model.init=$init --variants $NORM_GRID \
-      --seeds 1 2 3 --jobs 6 --out "$R/tiny-grid-$init" >> "$R/pipeline.log" 2>&1
+      --seeds 1 2 3 --jobs 4 --out "$R/tiny-grid-$init" >> "$R/pipeline.log" 2>&1
     log "tiny-$init done"
   done
 }
@@ -45,7 +51,7 @@ lane_a() {  # hf init grid, then the retrieval pair and its evaluations, then th
     --seeds 1 2 3 --jobs $GPU_JOBS --gpus 0 --out "$R/retrieval" >> "$R/pipeline.log" 2>&1
   log "evals start"
   for run in "$R"/retrieval/*/seed_*; do
-    "${DT[@]}" eval "$run" --task all --device cuda --no-progress --data-cache "$CACHE" >> "$R/evals.log" 2>&1 &
+    "${DT[@]}" eval "$run" --task $EVAL_TASKS ${EVAL_OPTS[@]/#/--opt } --device cuda --no-progress --data-cache "$CACHE" >> "$R/evals.log" 2>&1 &
     while [ "$(jobs -rp | wc -l)" -ge 3 ]; do sleep 2; done
   done
   wait
