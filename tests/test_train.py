@@ -314,12 +314,26 @@ def test_loading_never_unpickles(tmp_path):
 
 def test_compare_matched_pair_same_data_and_init(tmp_path, corpus, cache, capsys):
     run = small_run(corpus, steps=4, eval_every=2, ckpt_every=0)
-    summary = compare(run, tmp_path / "cmp", seeds=[1, 2], data_cache=cache, progress=False, log=quiet)
+    logged = []
+    summary = compare(run, tmp_path / "cmp", seeds=[1, 2], data_cache=cache, progress=False, log=logged.append)
     out = capsys.readouterr().out
     assert "DIFF" in out and "baseline" in out and "±" in out
     assert set(summary["runs"]) == {"seed_1/diff", "seed_1/baseline", "seed_2/diff", "seed_2/baseline"}
-    assert (tmp_path / "cmp" / "summary.json").is_file()
-    assert (tmp_path / "cmp" / "loss_curves.png").stat().st_size > 0 and (tmp_path / "cmp" / "lambda.png").is_file()
+    assert json.loads((tmp_path / "cmp" / "summary.json").read_text(), parse_constant=lambda c: 1 / 0)  # no NaN
+    for name in ("loss_curves.png", "lambda.png", "loss_gap.png"):
+        assert (tmp_path / "cmp" / name).stat().st_size > 0
+    assert [m.split(":")[0] for m in logged if m.startswith("[compare] run ")] == [
+        f"[compare] run {k} of 4" for k in range(1, 5)] and "ETA" in logged[1]
+    # The gap: paired by seed, with its Student-t interval, p-value and where (if anywhere) DIFF catches up.
+    gap = summary["gap"]
+    assert gap["per_seed"] == pytest.approx([summary["runs"][f"seed_{s}/diff"]["final_val_loss"]
+                                             - summary["runs"][f"seed_{s}/baseline"]["final_val_loss"] for s in (1, 2)])
+    assert gap["ci_low"] < gap["mean"] < gap["ci_high"] and 0 <= gap["p_value"] <= 1
+    assert summary["gap_curve"]["tokens"] == [0, 2 * 8 * 32, 4 * 8 * 32]
+    assert "DIFF catches up with baseline: " in out and "epochs of" in out and "median optimizer-step" in out
+    assert ("compared: DIFF V1 with the paper's per-head norm at gain 1, λ_init depth schedule, hf init "
+            "vs softmax baseline, hf init") in out
+    assert summary["epochs"] == pytest.approx(4 * 8 * 32 / summary["unique_train_tokens"])
     m = summary["models"]
     assert m["diff"]["params"] - m["baseline"]["params"] == 2 * 6 * run.model.head_dim  # λ vectors + head norm: 6d a layer
     assert all(math.isfinite(m[k]["val_loss_mean"]) for k in m)
@@ -333,6 +347,14 @@ def test_compare_matched_pair_same_data_and_init(tmp_path, corpus, cache, capsys
     assert "layers.0.self_attn.q_proj.weight" in shared and all(torch.equal(wd[k], wb[k]) for k in shared)
     with pytest.raises(UserError, match="holds another compare"):
         compare(run, tmp_path / "cmp", seeds=[1, 3], data_cache=cache, progress=False, log=quiet)
+    with pytest.raises(UserError, match="differs in variants"):
+        compare(run, tmp_path / "cmp", seeds=[1, 2], variants=["diff", "diff-no-norm"], data_cache=cache,
+                progress=False, log=quiet)
+    with pytest.raises(UserError, match="two different variant names"):
+        compare(run, tmp_path / "new", seeds=[1], variants=["diff", "diff"], data_cache=cache, log=quiet)
+    with pytest.raises(UserError, match="unknown variant"):
+        compare(run, tmp_path / "new", seeds=[1], variants=["diff", "nope"], data_cache=cache, log=quiet)
+    assert not (tmp_path / "new").exists()
 
 
 def test_matched_models_keep_an_explicit_head_norm_ablation():
@@ -342,3 +364,15 @@ def test_matched_models_keep_an_explicit_head_norm_ablation():
     assert diff.head_norm is True and base.head_norm is False
     diff, base = matched_models(preset("tiny", attention="diff_v2"))
     assert diff.attention == "diff_v2" and base.attention == "baseline"
+
+
+def test_compare_two_named_variants(tmp_path, corpus, cache, capsys):
+    run = small_run(corpus, steps=2, eval_every=1, ckpt_every=0)
+    summary = compare(run, tmp_path / "cmp", seeds=[1], variants=["diff", "diff-no-norm"], data_cache=cache,
+                      progress=False, log=quiet)
+    out = capsys.readouterr().out
+    assert summary["order"] == ["diff", "diff-no-norm"] and "val_loss_gap_diff_minus_baseline" not in summary
+    assert RunConfig.from_json(tmp_path / "cmp" / "seed_1" / "diff-no-norm" / "run.json").model.head_norm is False
+    assert "compared: DIFF V1 with the paper's per-head norm at gain 1" in out and "vs DIFF V1 with no per-head norm" in out
+    assert summary["gap"]["n"] == 1 and summary["gap"]["ci_low"] is None  # one seed: no interval
+    assert "val loss diff − diff-no-norm" in out

@@ -38,6 +38,17 @@ def _add_config_args(p: argparse.ArgumentParser, preset_help: str) -> argparse._
     return src
 
 
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default=None, metavar="NAME[,NAME...]",
+                   help="evaluation tasks, comma-separated, or 'all' (writes evals/<task>.json and .png)")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a task option (repeatable), e.g. --opt context=512 --opt data=texts/")
+    p.add_argument("--data-cache", type=Path, default=None, help="token shard cache (as for train)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice of the tasks")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diff-transformer", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -58,15 +69,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train the matched DIFF model and baseline over several seeds")
     _add_config_args(p, "model preset (default tiny: the embedded default, about 10 minutes on 2 CPU cores)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 1 2 3)")
+    p.add_argument("--variants", default=None, metavar="A,B",
+                   help="compare two named variants (diff_transformer.variants), A minus B (default: the matched pair)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/compare-<preset>)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("eval", help="validation loss and perplexity of a run's newest checkpoint")
-    p.add_argument("run_dir", type=Path, help="run directory or one of its checkpoints/step_* folders")
+    p = sub.add_parser("sweep", help="train named variants over seeds (and lrs); paired comparison to a reference")
+    _add_config_args(p, "model preset (default tiny, with compare's CPU-sized training budget)")
+    p.add_argument("--variants", required=True,
+                   help="comma-separated variant names (diff_transformer.variants), e.g. baseline,diff,diff-no-norm")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (default 1 2 3)")
+    p.add_argument("--lrs", type=float, nargs="+", default=None, help="peak learning rates to sweep (default: the config's)")
+    p.add_argument("--reference", default=None,
+                   help="variant every other is compared with, paired by seed (default baseline if swept, else the first)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="training processes at once (default: one per --gpus entry, else 1); several may share a GPU")
+    p.add_argument("--gpus", default=None,
+                   help="comma-separated GPU ids; process slot i gets CUDA_VISIBLE_DEVICES=gpus[i %% len(gpus)]")
+    p.add_argument("--out", type=Path, required=True, help="sweep folder (new, empty, or this same sweep to resume)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="one self-contained HTML page (and report.md) from sweep or compare folders")
+    p.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="sweep or compare output folders")
+    p.add_argument("--out", type=Path, default=Path("report.html"), help="HTML file to write (report.md goes beside it)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("eval", help="validation loss of a run's newest checkpoint, or evaluation tasks (--task)")
+    p.add_argument("run_dir", type=Path, help="run directory, one of its checkpoints/step_* folders, or (with --task) a model folder")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's eval_batches)")
-    p.add_argument("--data-cache", type=Path, default=None, help="token shard cache (as for train)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    _add_eval_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("eval-compare", help="evaluation tasks on several models side by side (groups of seeds too)")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run/checkpoint/model folders; join several seeds of one model with commas (A1,A2 B1,B2)")
+    p.add_argument("--label", nargs="+", default=None, help="one name per RUN group (default: the attention kind)")
+    p.add_argument("--out", type=Path, required=True, help="folder for evals.md, evals.json and the plots")
+    _add_eval_args(p)
+    p.set_defaults(func=cmd_eval_compare)
 
     p = sub.add_parser("generate", help="sample text from a trained model, streaming tokens to stdout")
     p.add_argument("run_dir", type=Path, help="run directory, checkpoint folder or model folder")
@@ -184,7 +224,34 @@ def cmd_compare(args) -> int:
 
     run = apply_overrides(_run_config(args, default_run) or default_run("tiny"), args.overrides)
     out = args.out or Path("runs") / f"compare-{run.preset or 'custom'}"
-    compare(run, out, seeds=args.seeds or DEFAULT_SEEDS, data_cache=args.data_cache, progress=not args.no_progress)
+    variants = args.variants.split(",") if args.variants else None
+    compare(run, out, seeds=args.seeds or DEFAULT_SEEDS, variants=variants, data_cache=args.data_cache,
+            progress=not args.no_progress)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .train.compare import default_run
+    from .train.config import apply_overrides
+    from .train.sweep import SweepStopped, sweep
+
+    run = apply_overrides(_run_config(args, default_run) or default_run("tiny"), args.overrides)
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    jobs = len(gpus or [0]) if args.jobs is None else args.jobs
+    try:
+        _, failures = sweep(run, args.out, variants=args.variants.split(","), seeds=args.seeds, lrs=args.lrs,
+                            reference=args.reference, jobs=jobs, gpus=gpus, data_cache=args.data_cache)
+    except SweepStopped as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+    return 1 if failures else 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    html, md = write_report(args.dirs, args.out)
+    print(f"wrote {html} and {md}")
     return 0
 
 
@@ -192,10 +259,76 @@ def cmd_eval(args) -> int:
     from .train.evaluate import evaluate_run
 
     _check_device(args.device)
+    if args.task is not None or args.opt:
+        from .evals.runner import evaluate_path, parse_options
+
+        options = parse_options(args.opt)
+        if args.batches is not None:
+            options.setdefault("batches", str(args.batches))
+        with _warnings_to_stderr():
+            evaluate_path(args.run_dir, args.task or "perplexity", device=args.device, data_cache=args.data_cache,
+                          options=options, seed=args.seed, progress=not args.no_progress, echo=print)
+        return 0
     res = evaluate_run(args.run_dir, max_batches=args.batches, data_cache=args.data_cache, device=args.device)
     print(f"{res['checkpoint']}: step {res['step']}, val loss {res['val_loss']:.4f}, "
           f"perplexity {res['val_ppl']:.2f} ({res['tokens']:,} tokens)")
     return 0
+
+
+def cmd_eval_compare(args) -> int:
+    from .evals.runner import evaluate_runs, parse_options
+
+    if args.task is None:
+        raise UserError("eval-compare needs --task NAME[,NAME...] or --task all")
+    options = parse_options(args.opt)
+    groups_paths = [[Path(p) for p in g.split(",") if p] for g in args.runs]
+    if args.label is not None and len(args.label) != len(groups_paths):
+        raise UserError(f"--label gives {len(args.label)} names for {len(groups_paths)} RUN groups: give one per group")
+    labels = args.label or _default_labels(groups_paths)
+    if len(set(labels)) != len(labels):
+        raise UserError(f"two groups share the label {labels}: name them with --label")
+    with _warnings_to_stderr():
+        evaluate_runs(dict(zip(labels, groups_paths)), args.task, out=args.out, device=args.device,
+                      data_cache=args.data_cache, options=options, seed=args.seed, progress=not args.no_progress)
+    print(f"wrote {args.out / 'evals.md'}, {args.out / 'evals.json'} and the plots")
+    return 0
+
+
+def _default_labels(groups: list[list[Path]]) -> list[str]:
+    """The attention kind of each group's first model when they differ, else the folder names."""
+    from .api import resolve_model_dir
+    from .serialization import load_config
+
+    kinds = []
+    for g in groups:
+        if not g:
+            raise UserError("an empty RUN group (two commas in a row?)")
+        try:
+            kinds.append(load_config(resolve_model_dir(g[0])).attention)
+        except (FileNotFoundError, ValueError):
+            kinds.append(None)
+    if None not in kinds and len(set(kinds)) == len(kinds):
+        return [{"diff": "DIFF", "diff_v2": "DIFF V2", "baseline": "baseline"}.get(k, k) for k in kinds]
+    return [g[0].name for g in groups]
+
+
+def _warnings_to_stderr():
+    """Warnings (e.g. no matplotlib, so no PNG) as one ``warning: ...`` line each."""
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def scope():
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            previous = warnings.showwarning
+            warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+            try:
+                yield
+            finally:
+                warnings.showwarning = previous
+
+    return scope()
 
 
 def cmd_generate(args) -> int:

@@ -4,7 +4,12 @@ Head counting follows the baseline (see SPEC.md): ``n_heads`` is the baseline's 
 and ``head_dim`` its head width ``d``. A DIFF V1 layer built from the same config has ``h/2``
 differential heads (two q/k sub-heads of width ``d``, one value of width ``2d``), so its projections
 have exactly the baseline's shapes. DIFF V2 has ``2h`` query heads of width ``d`` over the same kv
-heads.
+heads. The ablation kinds keep the baseline's layout (``softmax_plus_one``, ``temperature``,
+``sigmoid``) or DIFF V1's (``gated``).
+
+Every ablation knob defaults to the paper's choice. Knobs of one kind only (``lambda_mode``,
+``lambda_init``, ``head_norm_lambda_scale`` for DIFF V1; ``head_norm_init`` without a head norm) are
+ignored by the others, so that :func:`matched_pair` can hand a DIFF config's fields to its baseline.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import types
 import typing
@@ -20,8 +26,13 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from .errors import UserError
 
-Attention = Literal["diff", "diff_v2", "baseline"]
+Attention = Literal["diff", "diff_v2", "baseline", "softmax_plus_one", "temperature", "sigmoid", "gated"]
 AttnBackend = Literal["auto", "reference", "sdpa", "triton"]
+Init = Literal["hf", "official"]
+LambdaMode = Literal["learned", "fixed", "zero"]
+PosEncoding = Literal["rope", "alibi", "none"]
+# Kinds with DIFF V1's layout (h/2 heads of two q/k sub-heads of d, values 2d): they pair heads.
+PAIRED_KINDS = ("diff", "gated")
 
 
 def lambda_init_schedule(layer_idx: int) -> float:
@@ -55,9 +66,15 @@ class ModelConfig:
     lambda_std: float = 0.1  # std of the λ re-parametrisation vectors' normal init (paper: 0.1)
     init_std: float = 0.02  # std of every linear and embedding weight; residual outputs get init_std / sqrt(2 n_layers)
     attn_backend: AttnBackend = "auto"  # differential/softmax attention implementation; does not change the function
+    init: Init = "hf"  # initial values: hf (Llama's N(0, init_std)) or official (unilm Diff-Transformer's nn.Linear defaults)
+    head_norm_init: float | Literal["matched"] = 1.0  # per-head norm's initial gain (paper: 1); "matched": see head_norm_gain
+    head_norm_lambda_scale: bool = True  # DIFF V1: multiply the normed head output by (1 - λ_init) (paper); false = ablation
+    lambda_mode: LambdaMode = "learned"  # DIFF V1 λ: learned (paper), fixed = λ_init (no λ vectors), zero = one softmax map
+    pos_encoding: PosEncoding = "rope"  # rope (paper), alibi (Press et al.'s slopes, one per output head) or none (NoPE)
 
     def __post_init__(self) -> None:
         _check_literals(self)
+        _check_types(self)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -77,9 +94,9 @@ class ModelConfig:
             )
         if self.head_dim <= 0 or self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be a positive even number (RoPE rotates pairs)")
-        if self.attention == "diff" and (self.n_heads % 2 or self.n_kv_heads % 2):
+        if self.attention in PAIRED_KINDS and (self.n_heads % 2 or self.n_kv_heads % 2):
             raise ConfigError(
-                f"attention='diff' pairs the baseline's heads: n_heads={self.n_heads} and "
+                f"attention={self.attention!r} pairs the baseline's heads: n_heads={self.n_heads} and "
                 f"n_kv_heads={self.n_kv_heads} must both be even"
             )
         if self.head_norm is None:
@@ -88,11 +105,19 @@ class ModelConfig:
             raise ConfigError(f"lambda_init={self.lambda_init} must lie in [0, 1) (the output is scaled by 1 - λ_init)")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.lambda_std <= 0 or self.rope_theta <= 0:
             raise ConfigError("norm_eps, init_std, lambda_std and rope_theta must be positive")
+        if self.head_norm_init != "matched" and not (math.isfinite(self.head_norm_init) and self.head_norm_init > 0):
+            raise ConfigError(f"head_norm_init={self.head_norm_init!r} must be a positive finite gain or 'matched'")
 
     # Derived layout -------------------------------------------------------------------------
     def layer_lambda_init(self, layer_idx: int) -> float:
         """λ_init of layer ``layer_idx`` (0-based): the schedule, or the constant ablation."""
         return lambda_init_schedule(layer_idx) if self.lambda_init is None else float(self.lambda_init)
+
+    def layer_head_norm_scale(self, layer_idx: int) -> float:
+        """What the per-head norm's output is multiplied by: (1 − λ_init) for DIFF V1 (paper), else 1."""
+        if self.attention == "diff" and self.head_norm_lambda_scale:
+            return 1.0 - self.layer_lambda_init(layer_idx)
+        return 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +143,45 @@ class ModelConfig:
         if "attention" in changes and "head_norm" not in changes:
             changes = {**changes, "head_norm": None}
         return ModelConfig.from_dict({**self.to_dict(), **changes})
+
+
+def _type_matches(value: Any, tp: Any) -> bool:
+    """Whether ``value`` is of the annotated type: bools are not numbers, ints are floats."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_matches(value, a) for a in get_args(tp))
+    if origin is Literal:
+        return isinstance(value, str) and value in get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True
+
+
+def type_name(tp: Any) -> str:
+    """A type annotation in words, e.g. "float or 'matched'"."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in get_args(tp))
+    if origin is Literal:
+        return " or ".join(repr(c) for c in get_args(tp))
+    return "None" if tp is type(None) else tp.__name__
+
+
+def _check_types(obj: Any) -> None:
+    """Refuse values of the wrong type (a string or bool where a number is expected) by field name."""
+    hints = get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not _type_matches(value, hints[f.name]):
+            raise ConfigError(f"{f.name}={value!r} has the wrong type: expected {type_name(hints[f.name])}")
 
 
 def _check_literals(obj: Any) -> None:

@@ -14,9 +14,12 @@ differ as SPEC.md's "Interop" section says:
   weight of ones.
 - RoPE is rotate-half on both sides, λ vectors map by name, λ_init follows the same schedule.
 
-Anything not exactly representable (DIFF V2, a DIFF model without the per-head norm, a constant
-λ_init, biases, RoPE scaling, an activation other than SiLU ...) is refused with a
-:class:`~diff_transformer.errors.UserError`, never converted approximately.
+Anything not exactly representable (DIFF V2, the single-softmax ablation kinds, ALiBi or no
+positional encoding, a DIFF model without the per-head norm, without its (1 − λ_init) factor, with a
+fixed or zero λ or a constant λ_init, biases, RoPE scaling, an activation other than SiLU ...) is
+refused with a :class:`~diff_transformer.errors.UserError`, never converted approximately. ``init``
+and ``head_norm_init`` only set initial values: trained weights export exactly (any norm gain is
+folded into ``o_proj``).
 
 transformers is an optional dependency (``pip install 'diff-transformer[hf]'``), imported lazily.
 Loading never unpickles: weights come from safetensors only.
@@ -84,6 +87,26 @@ def check_exportable(config: ModelConfig) -> None:
         raise UserError(
             "DIFF V2 models cannot be exported to transformers: transformers has no DIFF V2 architecture "
             "(DiffLlama implements DIFF V1 only). Keep this project's format (save_pretrained)."
+        )
+    if config.attention not in ARCHITECTURES:
+        raise UserError(
+            f"attention={config.attention!r} (an ablation kind) has no transformers architecture: only DIFF V1 "
+            "(DiffLlama) and the softmax baseline (Llama) export. Keep this project's format (save_pretrained)."
+        )
+    if config.pos_encoding != "rope":
+        raise UserError(
+            f"pos_encoding={config.pos_encoding!r}: (Diff)Llama always applies RoPE, so the export would compute a "
+            "different function. Only pos_encoding='rope' models export."
+        )
+    if config.attention == "diff" and config.lambda_mode != "learned":
+        raise UserError(
+            f"lambda_mode={config.lambda_mode!r} (an ablation: λ not learned); DiffLlama always computes λ from "
+            "four learned vectors, so it cannot represent this model exactly. Only lambda_mode='learned' exports."
+        )
+    if config.attention == "diff" and config.head_norm and not config.head_norm_lambda_scale:
+        raise UserError(
+            "head_norm_lambda_scale=False (an ablation: the per-head norm without the (1 − λ_init) factor); "
+            "DiffLlama always multiplies by (1 − λ_init), so the export would compute a different function."
         )
     if config.attention == "diff" and not config.head_norm:
         raise UserError(

@@ -6,6 +6,9 @@
 - ``sdpa``: PyTorch's fused attention, two or four calls (see sdpa.py).
 - ``triton``: the fused single-pass kernel (see triton/), CUDA only.
 - ``auto``: ``triton`` on CUDA when it is installed and supports the inputs, else ``sdpa``.
+
+An optional additive ``bias`` on the scaled scores (ALiBi), broadcastable to (B, H, N, M), is taken
+by ``reference`` and ``sdpa``; the Triton kernel has none, so ``auto`` uses SDPA when one is given.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import reference, sdpa
+from .probe import probed
 
 Backend = Literal["auto", "reference", "sdpa", "triton"]
 BACKENDS = ("auto", "reference", "sdpa", "triton")
@@ -45,6 +49,18 @@ def triton_available() -> bool:
     return _triton_module() is not None
 
 
+def check_bias(bias: Tensor | None, b: int, h: int, n: int, m: int) -> None:
+    """``bias`` must broadcast to (B, H, N, M) without changing that shape."""
+    if bias is None:
+        return
+    shape = tuple(bias.shape)
+    full = (b, h, n, m)[-len(shape):] if 2 <= len(shape) <= 4 else None
+    if full is None or shape[-2:] != (n, m) or any(s not in (1, f) for s, f in zip(shape, full)):
+        raise ValueError(f"bias must broadcast to (B, H, N, M) = {(b, h, n, m)}; got {shape}")
+    if bias.is_complex() or not bias.is_floating_point():
+        raise ValueError(f"bias must be a float tensor (an additive score term); got {bias.dtype}")
+
+
 def _check_inputs(q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor, v: Tensor, lam: Tensor) -> None:
     if q1.dim() != 4 or q1.shape != q2.shape:
         raise ValueError(f"q1 and q2 must both be (B, H, N, d); got {tuple(q1.shape)} and {tuple(q2.shape)}")
@@ -69,20 +85,23 @@ def _check_inputs(q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor, v: Tensor, lam
         raise ValueError(f"all inputs must be on one device; got {sorted(map(str, devices))}")
 
 
-def resolve_backend(backend: str, q1: Tensor, k1: Tensor, k2: Tensor, v: Tensor) -> str:
+def resolve_backend(backend: str, q1: Tensor, k1: Tensor, k2: Tensor, v: Tensor, bias: Tensor | None = None) -> str:
     """The concrete backend ``backend`` means for these inputs."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {list(BACKENDS)}")
     if backend == "auto":
         mod = _triton_module()
-        if q1.is_cuda and mod is not None and mod.supports(q1, k1, k2, v):
+        if bias is None and q1.is_cuda and mod is not None and mod.supports(q1, k1, k2, v):
             return "triton"
         return "sdpa"
+    if backend == "triton" and bias is not None:
+        raise ValueError("backend='triton' takes no score bias (ALiBi); use backend='sdpa' or 'auto'")
     if backend == "triton" and _triton_module() is None:
         raise RuntimeError("backend='triton' needs the triton package and a CUDA device; use backend='sdpa'")
     return backend
 
 
+@probed("differential")  # an active attention probe (probe.py) takes the call; else one global check
 def differential_attention(
     q1: Tensor,
     q2: Tensor,
@@ -94,8 +113,9 @@ def differential_attention(
     causal: bool = True,
     scale: float | None = None,
     backend: Backend = "auto",
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """softmax(s·q1k1ᵀ)·v − λ·softmax(s·q2k2ᵀ)·v, per differential head.
+    """softmax(s·q1k1ᵀ + bias)·v − λ·softmax(s·q2k2ᵀ + bias)·v, per differential head.
 
     Args:
         q1, q2: (B, H, N, d) queries of the two branches.
@@ -106,25 +126,32 @@ def differential_attention(
         causal: mask future keys; when N < M the queries are the last N positions.
         scale: score scale, default 1/sqrt(d).
         backend: "auto", "reference", "sdpa" or "triton".
+        bias: optional float term added to both branches' scaled scores, broadcastable to
+            (B, H, N, M) (ALiBi). Not taken by "triton"; "auto" then uses "sdpa".
 
     Returns:
         (B, H, N, dv) in the dtype of ``v``. No normalisation is applied here.
     """
     _check_inputs(q1, q2, k1, k2, v, lam)
-    which = resolve_backend(backend, q1, k1, k2, v)
+    check_bias(bias, q1.shape[0], q1.shape[1], q1.shape[2], k1.shape[2])
+    which = resolve_backend(backend, q1, k1, k2, v, bias)
     if which == "reference":
-        return reference.differential_attention(q1, q2, k1, k2, v, lam, causal=causal, scale=scale)
+        return reference.differential_attention(q1, q2, k1, k2, v, lam, causal=causal, scale=scale, bias=bias)
     if which == "sdpa":
-        return sdpa.differential_attention(q1, q2, k1, k2, v, lam, causal=causal, scale=scale)
+        return sdpa.differential_attention(q1, q2, k1, k2, v, lam, causal=causal, scale=scale, bias=bias)
     return _triton_module().differential_attention(q1, q2, k1, k2, v, lam, causal=causal, scale=scale)
 
 
+@probed("softmax")
 def softmax_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None, backend: Backend = "auto"
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None, backend: Backend = "auto",
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """The baseline's attention with the same conventions: q (B, H, N, d), k/v (B, H_kv, M, ·)."""
+    """The baseline's attention with the same conventions: q (B, H, N, d), k/v (B, H_kv, M, ·);
+    ``bias`` as in :func:`differential_attention`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {list(BACKENDS)}")
+    check_bias(bias, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if backend == "reference":
-        return reference.attention(q, k, v, causal=causal, scale=scale)
-    return sdpa.attention(q, k, v, causal=causal, scale=scale)  # SDPA picks cuDNN/flash itself
+        return reference.attention(q, k, v, causal=causal, scale=scale, bias=bias)
+    return sdpa.attention(q, k, v, causal=causal, scale=scale, bias=bias)  # SDPA picks cuDNN/flash itself

@@ -31,14 +31,23 @@ Pattern = Literal["auto", "stacked", "two", "four"]
 _HAS_ENABLE_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
+              bias: Tensor | None = None) -> Tensor:
     """Softmax attention with GQA and a bottom-right causal mask when N < M.
 
-    q (B, H, N, d), k (B, H_kv, M, d), v (B, H_kv, M, dv) -> (B, H, N, dv).
+    q (B, H, N, d), k (B, H_kv, M, d), v (B, H_kv, M, dv) -> (B, H, N, dv). ``bias`` (broadcastable
+    to (B, H, N, M)) is added to the scaled scores: SDPA's float ``attn_mask`` with the causal mask
+    folded in as -inf, in q's dtype (SDPA requires it; under bf16 the bias is rounded to bf16). On an
+    H200 (torch 2.11) the cuDNN and memory-efficient kernels take such a 4-d mask; flash takes none.
     """
     n, m = q.shape[-2], k.shape[-2]
     mask, is_causal = None, False
-    if causal and n == m:
+    if bias is not None:
+        mask = bias.to(q.dtype)
+        mask = mask[(None,) * (4 - mask.dim())]  # 4-d: cuDNN refuses 3-d masks (seen on an H200)
+        if causal and n > 1:  # n == 1 sees every cached key
+            mask = mask.masked_fill(~causal_mask(n, m, q.device), float("-inf"))
+    elif causal and n == m:
         is_causal = True
     elif causal and n > 1:  # n == 1 sees every cached key: no mask needed
         mask = causal_mask(n, m, q.device)
@@ -86,8 +95,12 @@ def differential_attention(
     causal: bool = True,
     scale: float | None = None,
     pattern: Pattern = "auto",
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """(B, H, N, dv) = softmax(s q1 k1ᵀ) v - λ softmax(s q2 k2ᵀ) v, through SDPA calls."""
+    """(B, H, N, dv) = softmax(s q1 k1ᵀ + bias) v - λ softmax(s q2 k2ᵀ + bias) v, through SDPA calls.
+
+    ``bias`` (optional, broadcastable to (B, H, N, M)) is shared by the two branches of a head.
+    """
     scale = q1.shape[-1] ** -0.5 if scale is None else scale
     if pattern == "auto":
         pattern = choose_pattern(q1, k1, k2, v)
@@ -97,19 +110,21 @@ def differential_attention(
         b, h, n, d = q1.shape
         # Interleave the branches: query head 2i+b keeps kv head i // (H/H_kv) under SDPA's GQA rule.
         q = torch.stack((q1, q2), dim=2).reshape(b, 2 * h, n, d)  # (B, 2H, N, d)
-        o = attention(q, k1, v, causal=causal, scale=scale).view(b, h, 2, n, -1)  # (B, H, 2, N, dv)
+        if bias is not None and bias.dim() >= 3 and bias.shape[-3] > 1:
+            bias = bias.repeat_interleave(2, dim=-3)  # (…, 2H, N, M): both branches of head i get its bias
+        o = attention(q, k1, v, causal=causal, scale=scale, bias=bias).view(b, h, 2, n, -1)  # (B, H, 2, N, dv)
         return _combine(o[:, :, 0], o[:, :, 1], lam)
     if pattern == "two":
-        o1 = attention(q1, k1, v, causal=causal, scale=scale)
-        o2 = attention(q2, k2, v, causal=causal, scale=scale)
+        o1 = attention(q1, k1, v, causal=causal, scale=scale, bias=bias)
+        o2 = attention(q2, k2, v, causal=causal, scale=scale, bias=bias)
         return _combine(o1, o2, lam)
     if pattern == "four":
         if v.shape[-1] % 2:
             raise ValueError(f"pattern='four' splits the value width in halves; got odd width {v.shape[-1]}")
         va, vb = v.chunk(2, dim=-1)  # (B, H_kv, M, dv/2) each
-        o1 = torch.cat([attention(q1, k1, va, causal=causal, scale=scale),
-                        attention(q1, k1, vb, causal=causal, scale=scale)], dim=-1)
-        o2 = torch.cat([attention(q2, k2, va, causal=causal, scale=scale),
-                        attention(q2, k2, vb, causal=causal, scale=scale)], dim=-1)
+        o1 = torch.cat([attention(q1, k1, va, causal=causal, scale=scale, bias=bias),
+                        attention(q1, k1, vb, causal=causal, scale=scale, bias=bias)], dim=-1)
+        o2 = torch.cat([attention(q2, k2, va, causal=causal, scale=scale, bias=bias),
+                        attention(q2, k2, vb, causal=causal, scale=scale, bias=bias)], dim=-1)
         return _combine(o1, o2, lam)
     raise ValueError(f"unknown SDPA pattern {pattern!r}; choose auto, stacked, two or four")

@@ -21,8 +21,8 @@ number tokens are exactly the tokens of the answer ``" {number}"``)::
     <-------------------------------- context -------------------------------->
     <--------------------------------- prompt ----------------------------------->  <- answer ->
 
-``len(prompt) + len(answer_ids) <= context_len`` for every question, so the model can read the
-prompt and produce (or be teacher-forced on) the whole answer inside its context.
+``len(prompt) + len(ids of any needle's number) <= context_len`` for every question, so the model
+can read the prompt and produce (or be teacher-forced on) any candidate answer inside its context.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def make_needle_example(
         haystack_ids: token ids of ordinary text, at least as many as the context leaves for it;
             the haystack is cut at its last sentence end when that is within its last tenth.
         tokenizer: encodes the needles and questions (``encode``/``decode``).
-        context_len: the prompt plus the longest answer is at most this many tokens.
+        context_len: the prompt plus the longest needle number is at most this many tokens.
         depths: one fraction in [0, 1] per needle: where in the haystack needle ``i`` goes. Each
             needle goes to the sentence boundary nearest ``depth * haystack_tokens`` (a word
             boundary if the haystack has no sentence boundary within one tenth of its length of the
@@ -203,7 +203,7 @@ def make_needle_example(
     questions = [question_ids(tokenizer, chosen[i]) for i in range(n_asked)]
     answer_ids = [pieces[i][1] for i in range(n_asked)]
     needle_len = sum(len(a) + len(b) + len(c) for a, b, c in pieces)
-    tail = max(len(q) + len(a) for q, a in zip(questions, answer_ids))
+    tail = max(len(q) for q in questions) + max(len(p[1]) for p in pieces)  # any needle's number may be scored
     budget = context_len - needle_len - tail
     if budget < 0:
         raise ValueError(f"context_len={context_len} cannot hold {n_needles} needles and a question "

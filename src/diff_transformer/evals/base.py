@@ -65,12 +65,19 @@ class Task:
     plot: Callable[[list[tuple[str, dict]], Path], None] | None
     description: str  # one line for --help and the report
     needs_data: bool = True  # reads val_tokens / val_documents
+    options: tuple[str, ...] | None = None  # the --opt keys it reads; None = undeclared (keys not checked)
+    in_all: bool = True  # part of --task all; False for tasks that need inputs of their own (a dataset, a package)
 
 
 TASKS: dict[str, Task] = {}
 
 
-def register(name: str, run, plot=None, *, description: str, needs_data: bool = True) -> None:
+def register(name: str, run, plot=None, *, description: str, needs_data: bool = True,
+             options: tuple[str, ...] | None = None, in_all: bool = True) -> None:
+    """Add a task. ``options`` names the ``--opt`` keys it reads, so the runner can refuse a misspelt key
+    before anything runs (leave it None to skip that check for this task). ``in_all=False`` keeps a task
+    that needs inputs of its own (``--opt dataset=...``, an optional package) out of ``--task all``."""
     if name in TASKS:
         raise ValueError(f"evaluation task {name!r} registered twice")
-    TASKS[name] = Task(name, run, plot, description, needs_data)
+    TASKS[name] = Task(name, run, plot, description, needs_data, tuple(options) if options is not None else None,
+                       in_all)

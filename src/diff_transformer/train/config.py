@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from ..config import PRESETS, ConfigError, ModelConfig, check_field_types, preset
+from ..config import PRESETS, ConfigError, ModelConfig, check_field_types, preset, type_name
 from ..data import DataConfig
 
 Schedule = Literal["cosine", "linear", "constant"]
@@ -249,7 +249,14 @@ def _coerce(raw: str, tp: Any, key: str) -> Any:
         if type(None) in args and raw.strip().lower() in ("none", "null"):
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(raw, inner[0], key)
+        if len(inner) == 1:
+            return _coerce(raw, inner[0], key)
+        for member in inner:  # the first member the text fits, e.g. float | Literal["matched"]
+            try:
+                return _coerce(raw, member, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"--set {key}={raw}: expected {type_name(tp)}")
     if origin is Literal:
         choices = get_args(tp)
         if raw not in choices:

@@ -19,7 +19,7 @@ from .config import TrainConfig
 def no_decay(name: str, param: torch.Tensor) -> bool:
     """True for parameters that weight decay must leave alone (see the module docstring)."""
     return (
-        param.dim() < 2  # norms, biases, λ vectors
+        param.dim() < 2  # norms, biases, λ vectors, per-head scalars (temperature τ, gate α/β)
         or "norm" in name
         or ".lambda_" in name and "lambda_proj" not in name
         or name.endswith("embed_tokens.weight")

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -141,6 +142,7 @@ class TrainResult:
     metrics: list[dict] = field(default_factory=list)
     tokens_per_s: float | None = None  # training steps only (no eval or checkpoint time), this session
     peak_memory_mb: float | None = None
+    median_step_seconds: float | None = None  # median optimizer-step time of this session
 
     @property
     def final_val_loss(self) -> float | None:
@@ -195,8 +197,14 @@ class Trainer:
         self._stop_requested = False
         self._stop_signal = "SIGTERM"
         self._train_time = 0.0
+        self._train_time_total = 0.0  # over every session of the run (resumes continue it)
+        self._step_times: list[float] = []  # this session's step times (s), for the median speed
         self._session_tokens = 0
         self._tb = None
+        self._o_proj_sq: list[list[torch.Tensor]] = [[] for _ in self.model.layers]
+        self._instrumenting = False
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.o_proj.register_forward_pre_hook(self._o_proj_hook(i))
 
     # State ------------------------------------------------------------------------------------
     def _opts(self, strict: bool = True) -> StateDictOptions:
@@ -210,6 +218,7 @@ class Trainer:
 
     def trainer_state(self) -> dict:
         return {"step": self.step, "tokens_seen": self.step * self.cfg.tokens_per_step,
+                "train_seconds_total": self._train_time_total,
                 "bad_steps_total": self.bad_total, "consecutive_bad_steps": self.consecutive_bad,
                 "last_rollback_to": self.last_rollback_to, "world_size": self.dist.world_size,
                 "data_key": (getattr(self.dataset, "manifest", None) or {}).get("key"),
@@ -246,6 +255,8 @@ class Trainer:
         self.bad_total = int(state.get("bad_steps_total", 0))
         self.consecutive_bad = int(state.get("consecutive_bad_steps", 0))
         self.last_rollback_to = state.get("last_rollback_to")
+        self._train_time_total = float(state.get("train_seconds_total") or max(
+            (m.get("train_seconds_total") or 0.0 for m in self.metrics), default=0.0))
         self.last_saved_step = self.step
         checkpoint.restore_rng()
         if self.dist.is_main and self.step < self.total_steps:  # a finished run keeps its summary record
@@ -292,6 +303,39 @@ class Trainer:
                             f"of about {_size(one)}; older ones are pruned only after the new one is complete); "
                             "free some space and rerun the same command to resume") from None
 
+    # Instrumentation --------------------------------------------------------------------------
+    def _o_proj_hook(self, layer: int):
+        """A pre-hook keeping the mean square of ``o_proj``'s input on log steps (stays on the device)."""
+
+        def hook(module, args):
+            if self._instrumenting:
+                self._o_proj_sq[layer].append(args[0].detach().float().square().mean())
+        return hook
+
+    @torch.no_grad()
+    def instruments(self) -> dict:
+        """Per layer: RMS of the input to ``o_proj`` over this step's micro-batches (this rank's rows) and
+        the mean of the per-head norm's weight (None without one). One device-to-host transfer."""
+        layers = self.model.layers
+        values, has_norm = [], []
+        for i, layer in enumerate(layers):
+            sq = self._o_proj_sq[i]
+            values.append(torch.stack(sq).mean().sqrt() if sq else torch.full((), math.nan, device=self.device))
+            norm = layer.self_attn.head_norm
+            has_norm.append(norm is not None)
+            if norm is not None:
+                w = norm.weight.full_tensor() if hasattr(norm.weight, "full_tensor") else norm.weight
+                values.append(w.detach().float().mean())
+        self._o_proj_sq = [[] for _ in layers]
+        flat = torch.stack(values).tolist() if values else []
+        rms, gains, k = [], [], 0
+        for norm in has_norm:
+            rms.append(flat[k] if math.isfinite(flat[k]) else None)
+            k += 1
+            gains.append(flat[k] if norm else None)
+            k += norm
+        return {"o_proj_in_rms": rms, "head_norm_gain": gains}
+
     # Metrics ----------------------------------------------------------------------------------
     def record(self, entry: dict) -> None:
         self.metrics.append(entry)
@@ -309,6 +353,10 @@ class Trainer:
                     self._tb.add_scalar(f"{entry['kind']}/{key}", value, entry["step"])
             for i, lam in enumerate(entry.get("lambdas") or []):
                 self._tb.add_scalar(f"lambda/layer_{i}", lam, entry["step"])
+            for key in ("o_proj_in_rms", "head_norm_gain"):
+                for i, value in enumerate(entry.get(key) or []):
+                    if value is not None:
+                        self._tb.add_scalar(f"{key}/layer_{i}", value, entry["step"])
 
     def _open_tensorboard(self) -> None:
         if not self.dist.is_main:
@@ -367,7 +415,7 @@ class Trainer:
         """Each layer's λ (DIFF V1), gathered from shards under FSDP."""
         if self.run.model.attention != "diff":
             return None
-        if self.mode != "fsdp":
+        if self.mode != "fsdp" or self.run.model.lambda_mode != "learned":  # fixed/zero λ: no sharded vectors
             return self.model.lambdas()
         lams = []
         for layer in self.model.layers:
@@ -444,8 +492,11 @@ class Trainer:
                 self._check_val_loss()
             while self.step < self.total_steps:
                 set_lr(self.optimizer, lr_at(self.step, cfg))
+                log_step = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total_steps
+                self._instrumenting = log_step
                 t0 = time.perf_counter()
                 loss, grad_norm = self.train_step()
+                self._instrumenting = False
                 finite = math.isfinite(loss) and math.isfinite(grad_norm)
                 if finite:
                     self.optimizer.step()
@@ -454,7 +505,10 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                self._train_time += time.perf_counter() - t0
+                step_time = time.perf_counter() - t0
+                self._train_time += step_time
+                self._train_time_total += step_time
+                self._step_times.append(step_time)
                 self._session_tokens += cfg.tokens_per_step
                 self.step += 1
                 tok_s = self._session_tokens / max(self._train_time, 1e-9)
@@ -468,10 +522,15 @@ class Trainer:
                                  "bad_steps_total": self.bad_total})
                     if self.consecutive_bad >= cfg.max_bad_steps:
                         self._handle_bad_steps()
-                elif self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                elif log_step:
+                    # grad_norm is the global norm before clipping (clip_grad_norm_'s return value).
                     self.record({"kind": "train", "step": self.step, "loss": loss, "grad_norm": grad_norm,
                                  "lr": self.optimizer.param_groups[0]["lr"], "tokens": self.step * cfg.tokens_per_step,
-                                 "tokens_per_s": tok_s, "train_seconds": self._train_time})
+                                 "tokens_per_s": tok_s, "train_seconds": self._train_time,
+                                 "train_seconds_total": self._train_time_total, "step_seconds": step_time,
+                                 **self.instruments()})
+                if not log_step or not finite:
+                    self._o_proj_sq = [[] for _ in self.model.layers]
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
@@ -499,12 +558,18 @@ class Trainer:
             if self._tb is not None:
                 self._tb.close()
                 self._tb = None
+        median = statistics.median(self._step_times) if self._step_times else None
         result = TrainResult(self.run_dir, "completed", self.step, nparams, list(self.metrics),
                              tokens_per_s=self._session_tokens / max(self._train_time, 1e-9),
-                             peak_memory_mb=peak_memory_mb(self.device))
-        # After the final checkpoint: this session's speed and memory, for metrics.jsonl only.
+                             peak_memory_mb=peak_memory_mb(self.device),
+                             median_step_seconds=median)
+        # After the final checkpoint: this session's speed and memory, for metrics.jsonl only. The median
+        # step time ignores the first steps' warm-up (allocator, compile) and rare stalls.
         self.record({"kind": "summary", "step": self.step, "tokens_per_s": result.tokens_per_s,
-                     "peak_memory_mb": result.peak_memory_mb, "train_seconds": self._train_time})
+                     "peak_memory_mb": result.peak_memory_mb, "train_seconds": self._train_time,
+                     "train_seconds_total": self._train_time_total, "median_step_seconds": median,
+                     "steps_timed": len(self._step_times),
+                     "tokens_per_s_median": cfg.tokens_per_step / median if median else None})
         return result
 
 
