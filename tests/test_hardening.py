@@ -587,3 +587,13 @@ def test_write_failures_of_run_files_and_metrics_are_one_line(env, tmp_path, mon
 
     monkeypatch.setattr(trainer_mod, "open", open_, raising=False)
     bad(["train", *env["args"], "steps=3", "--out", tmp_path / "b"], [], "metrics.jsonl", capsys)
+
+
+def test_eval_of_a_model_folder_says_how_to_score_it_and_that_works(env, model_dir, tmp_path, capsys):
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    line = bad(["eval", folder, *env["base"][:2]], [folder], "--task perplexity --opt data=", capsys)
+    argv = line.split("`")[1].split()[1:]  # the suggested command, with this corpus
+    argv[argv.index("data=FILE_OR_FOLDER")] = f"data={env['corpus']}"
+    assert main([*argv, *env["base"]]) == 0
+    assert "val_loss" in capsys.readouterr().out

@@ -44,6 +44,9 @@ def evaluate_run(path, *, max_batches: int | None = None, data_cache=None, devic
         run_dir = path
         checkpoint = ckpt.latest_valid(run_dir) if (run_dir / "checkpoints").is_dir() else None
     run_file = run_dir / "run.json"
+    if not run_file.is_file() and (path / "config.json").is_file() and not (path / "checkpoints").exists():
+        raise UserError(f"{path} is a model folder, which holds no data settings: score it on your text with "
+                        f"`diff-transformer eval {path} --task perplexity --opt data=FILE_OR_FOLDER`")
     if not run_file.is_file():
         raise UserError(f"{path} is not a run directory (no run.json): eval needs a run trained with `diff-transformer train`")
     if checkpoint is None:
