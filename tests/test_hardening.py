@@ -597,3 +597,24 @@ def test_eval_of_a_model_folder_says_how_to_score_it_and_that_works(env, model_d
     argv[argv.index("data=FILE_OR_FOLDER")] = f"data={env['corpus']}"
     assert main([*argv, *env["base"]]) == 0
     assert "val_loss" in capsys.readouterr().out
+
+
+def test_a_rollback_is_not_saved_as_a_new_checkpoint_so_a_second_streak_stops(env, tmp_path, monkeypatch, capsys):
+    """Steps from 4 on are non-finite (the validation loss stays finite): the first streak rolls back to
+    step 3, the second finds the same checkpoint and stops with exit 3."""
+    from diff_transformer.train.trainer import Trainer
+
+    orig = Trainer.train_step
+
+    def train_step(self):
+        loss, norm = orig(self)
+        return (math.nan, math.nan) if self.step + 1 >= 4 else (loss, norm)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    out = tmp_path / "streaks"
+    capsys.readouterr()
+    code = main(["train", *env["args"], "ckpt_every=1", "max_bad_steps=2", "steps=20", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "again after rolling back to step 3" in err
+    assert [ckpt.step_of(p) for p in ckpt.complete_checkpoints(out)] == [2, 3]
