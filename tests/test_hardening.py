@@ -618,3 +618,16 @@ def test_a_rollback_is_not_saved_as_a_new_checkpoint_so_a_second_streak_stops(en
     assert code == 3, err
     assert "again after rolling back to step 3" in err
     assert [ckpt.step_of(p) for p in ckpt.complete_checkpoints(out)] == [2, 3]
+
+
+def test_a_full_disk_while_tokenising_is_one_line_and_leaves_no_partial_cache(env, tmp_path, monkeypatch, capsys):
+    from diff_transformer.data import shards
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shards, "_write_shard", full)
+    cache = tmp_path / "cache"
+    args = [a if a != str(env["cache"]) else str(cache) for a in env["args"]]
+    bad(["train", *args, "steps=1", "--out", tmp_path / "new"], [tmp_path / "new"], "No space left on device", capsys)
+    assert not [p for p in cache.iterdir() if p.is_dir()]  # the partial build was removed

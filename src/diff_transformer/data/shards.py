@@ -99,10 +99,14 @@ def prepare_dataset(cfg: DataConfig, cache_dir: str | Path) -> Dataset:
             cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create the data cache folder {cache_dir} ({e}): choose a writable folder") from e
-        with _exclusive(cache_dir / f".{folder.name}.lock"):
-            if not folder.exists():
-                _build(cfg, corpus, settings, key, folder)
-                reused = False
+        try:
+            with _exclusive(cache_dir / f".{folder.name}.lock"):
+                if not folder.exists():
+                    _build(cfg, corpus, settings, key, folder)
+                    reused = False
+        except OSError as e:  # a full disk or a read-only cache while tokenising
+            raise UserError(f"cannot write the data cache in {cache_dir} ({e.strerror or e}): free some space or "
+                            "choose another --data-cache") from None
     return _open(folder, reused)
 
 
