@@ -631,3 +631,17 @@ def test_a_full_disk_while_tokenising_is_one_line_and_leaves_no_partial_cache(en
     args = [a if a != str(env["cache"]) else str(cache) for a in env["args"]]
     bad(["train", *args, "steps=1", "--out", tmp_path / "new"], [tmp_path / "new"], "No space left on device", capsys)
     assert not [p for p in cache.iterdir() if p.is_dir()]  # the partial build was removed
+
+
+def test_export_and_import_that_run_out_of_space_are_one_line_and_leave_nothing(env, hf_dir, tmp_path):
+    limit = 64 << 10  # model.safetensors is larger
+
+    def small_files():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    for argv, out in ((["export", env["run"]], tmp_path / "exp"), (["import", hf_dir], tmp_path / "imp")):
+        r = cli(*argv, "--out", out, preexec_fn=small_files)
+        assert_one_error(r.returncode, r.stderr, "cannot write")
+        assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}")]

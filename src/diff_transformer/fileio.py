@@ -69,6 +69,11 @@ def staged_folder(out: Path) -> Iterator[Path]:
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.rename(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        from safetensors import SafetensorError
+
+        if isinstance(e, (OSError, SafetensorError)):  # a full disk or a file size limit: nothing was left behind
+            reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
+            raise UserError(f"cannot write {out} ({reason}): free some space and run the command again") from None
         raise
