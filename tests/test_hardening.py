@@ -645,3 +645,9 @@ def test_export_and_import_that_run_out_of_space_are_one_line_and_leave_nothing(
         r = cli(*argv, "--out", out, preexec_fn=small_files)
         assert_one_error(r.returncode, r.stderr, "cannot write")
         assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_import_of_an_absurd_config_is_refused_before_allocating(hf_dir, tmp_path, capsys):
+    src = _with_config(hf_dir, tmp_path / "src", num_hidden_layers=10**9)
+    out = tmp_path / "out"
+    bad(["import", src, "--out", out], [src, out], "parameters", capsys)
