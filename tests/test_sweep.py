@@ -281,3 +281,18 @@ def test_sigterm_stops_every_run_with_a_checkpoint_and_the_rerun_finishes(tmp_pa
     for v in ("baseline", "diff"):
         assert "resuming from" in (out / v / "seed_1" / "train.log").read_text()
         assert rundir.read_metrics(out / v / "seed_1")[-1]["step"] == 400
+
+
+def test_sweep_of_a_scaled_variant_records_it_and_resumes(tmp_path, corpus, cache, capsys):
+    """baseline-wide's head count is a fraction of the run's: sweep.json records it as text, and the rerun matches."""
+    out = tmp_path / "wide"
+    args = ["sweep", "--variants", "baseline,baseline-wide", "--seeds", "1", "--preset", "tiny", "--data-cache",
+            str(cache), "--set", *TINY, "model.n_heads=4", "steps=2", f"data.source={corpus}", "--out", str(out)]
+    assert main(args) == 0
+    record = strict_json(out / "sweep.json")
+    assert record["overrides"]["baseline-wide"]["model.n_heads"] == "1/2·n_heads"
+    wide = RunConfig.from_json(out / "baseline-wide" / "seed_1" / "run.json").model
+    assert (wide.n_heads, wide.head_dim) == (2, 16)
+    before = snapshot(out / "baseline-wide")
+    assert main(args) == 0  # the same sweep again: recognised, nothing retrained
+    assert snapshot(out / "baseline-wide") == before

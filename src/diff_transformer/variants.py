@@ -103,6 +103,11 @@ def variant_overrides(name: str) -> dict[str, Any]:
     return dict(VARIANTS[name][1])
 
 
+def variant_record(name: str) -> dict[str, Any]:
+    """Variant ``name``'s overrides as JSON values (a :class:`Scaled` as its text, e.g. ``1/2·n_heads``)."""
+    return {k: str(v) if isinstance(v, Scaled) else v for k, v in variant_overrides(name).items()}
+
+
 def apply_variant(run, name: str):
     """``run`` (a RunConfig) with variant ``name``'s overrides applied; the config validates them.
 

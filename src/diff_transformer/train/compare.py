@@ -88,12 +88,11 @@ def _check_out(out: Path, record: dict) -> None:
 
 def describe_model(model: ModelConfig) -> str:
     """The attention, per-head-norm and init setting of ``model``, in words, from its config."""
-    init = getattr(model, "init", "hf")  # the only lineage before the `init` field existed
-    gain = getattr(model, "head_norm_init", 1.0)
+    init, gain = model.init, model.head_norm_init
     if model.attention == "diff":
         lam = "λ_init depth schedule" if model.lambda_init is None else f"constant λ_init {model.lambda_init:g}"
         if model.head_norm:
-            scale = ("" if getattr(model, "head_norm_lambda_scale", True) else ", without the (1 − λ_init) factor")
+            scale = "" if model.head_norm_lambda_scale else ", without the (1 − λ_init) factor"
             norm = f"the paper's per-head norm at gain {gain if isinstance(gain, str) else format(gain, 'g')}{scale}"
         else:
             norm = "no per-head norm"
@@ -257,13 +256,12 @@ def format_table(summary: dict) -> str:
     lines.append(f"compared: {models[a]['setting']} vs {models[b]['setting']}")
     ra, rb = models[a]["o_proj_in_rms_first_log"], models[b]["o_proj_in_rms_first_log"]
     if ra is not None and rb is not None:
-        from ..variants import variant_names
-
-        ablations = ",".join(["diff"] + [v for v in ("diff-no-norm", "diff-norm-matched") if v in variant_names()])
         lines.append(f"RMS of the attention output into o_proj at the first logged step (mean over layers and seeds): "
-                     f"{la} {ra:.3f}, {lb} {rb:.3f}" + (f"; a per-head norm's gain sets this loudness at init, "
-                                                         f"ablate it with `sweep --variants {ablations}`"
-                                                         if "per-head norm at gain" in models[a]['setting'] else ""))
+                     f"{la} {ra:.3f}, {lb} {rb:.3f}")
+    if "per-head norm at gain 1," in models[a]["setting"]:
+        lines.append("note: at small scale the per-head norm's initial gain of 1 decides most of DIFF's gap "
+                     "(docs/ablations.md); try `--variants diff-norm-matched,baseline` or "
+                     "`sweep --variants baseline,diff,diff-no-norm,diff-norm-matched`")
     lines.append(summary["speed_note"])
     lines.append(f"wall time {summary['wall_seconds']:.0f} s")
     return "\n".join(lines)

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import UserError
-from ..variants import apply_variant, variant_names, variant_overrides
+from ..variants import apply_variant, variant_names, variant_record
 from . import checkpoint as ckpt
 from .config import RunConfig
 from .results import SPEED_NOTE, loss_at, read_run
@@ -237,7 +237,7 @@ def sweep(run: RunConfig, out, *, variants: Sequence[str], seeds: Sequence[int],
     if not variants or len(set(variants)) != len(variants):
         raise UserError(f"--variants {','.join(variants)}: give one or more distinct names from: "
                         f"{', '.join(variant_names())}")
-    overrides = {v: variant_overrides(v) for v in variants}  # unknown names: UserError listing the known ones
+    overrides = {v: variant_record(v) for v in variants}  # unknown names: UserError listing the known ones
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {seeds}: give one or more distinct integers")
     if lrs is not None and (len(set(lrs)) != len(lrs) or any(not x > 0 for x in lrs)):
