@@ -110,11 +110,13 @@ def test_rank_scoring_with_rigged_logits():
     assert needle.rank_of([0.0, 0.0], 0) == 2  # ties count against the right answer
 
 
-def test_greedy_text_is_model_generate_greedy():
+@pytest.mark.parametrize("amp", [False, True])
+def test_greedy_text_is_model_generate_greedy(amp):
     model, tok = tiny_model("diff"), ByteTokenizer()
     prompt = tok.encode("The special magic number for Oslo is:")
-    ref = model.generate(torch.tensor([prompt]), 6, temperature=0)[0, len(prompt):].tolist()
-    assert needle.greedy_text(model, tok, prompt, 6, torch.device("cpu"), False) == tok.decode(ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):  # as greedy_text's own autocast
+        ref = model.generate(torch.tensor([prompt]), 6, temperature=0)[0, len(prompt):].tolist()
+    assert needle.greedy_text(model, tok, prompt, 6, torch.device("cpu"), amp) == tok.decode(ref)
 
 
 # The probe and the attention masses ----------------------------------------------------------------
