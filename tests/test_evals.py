@@ -7,7 +7,10 @@ import hashlib
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,9 @@ from diff_transformer.evals.base import EvalContext
 from diff_transformer.evals.common import probing
 
 from conftest import write_corpus
+from evals_helpers import model_folder
+
+RUNNER = Path(__file__).with_name("fault_runner.py")
 
 runner.load_tasks()
 from diff_transformer.evals import attention_noise, long_nll, needle, outliers, perplexity, quantization  # noqa: E402
@@ -387,3 +393,32 @@ def test_a_crash_keeps_the_finished_tasks(runs, monkeypatch, tmp_path):
         runner.evaluate_path(run, ["lambda", "boom"], progress=False)
     assert strict_json(run / "evals" / "lambda.json")["final"]
     assert not (run / "evals" / "boom.json").exists()
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 75), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_keep_the_finished_tasks(tmp_path, sig, code):
+    """`timeout` (SIGTERM) or Ctrl-C during a slow task: the finished task's JSON is written, the note is
+    printed, and the exit code is the trainer's (75 / 130)."""
+    folder = model_folder(tmp_path / "model", attention="diff")
+    ready = tmp_path / "slow_started"
+    env = {**os.environ, "FAULT": f"slow_task:{ready}", "PYTHONPATH": os.pathsep.join(sys.path)}
+    # A child of a non-interactive shell may start with SIGINT ignored; the runner wants Python's default.
+    code_line = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                 f"sys.argv = [{str(RUNNER)!r}, *sys.argv[1:]]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", code_line, "eval", str(folder), "--task", "lambda,slow",
+                             "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), proc.communicate(timeout=30)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    assert out.startswith("lambda: ")
+    assert f"note: wrote the finished tasks (lambda) to {folder / 'evals'}" in err
+    assert strict_json(folder / "evals" / "lambda.json")["meta"]["task"] == "lambda"
+    assert not (folder / "evals" / "slow.json").exists()
+    assert not list((folder / "evals").glob(".*"))  # no temporary file left behind

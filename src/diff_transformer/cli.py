@@ -2,8 +2,8 @@
 
 Exit codes: 0 done; 2 bad input (one line ``error: ...`` naming the problem and the fix, and
 nothing on disk overwritten); 3 training diverged (non-finite steps, no rollback left); 75 preempted
-(SIGTERM: the step was finished and a checkpoint saved; run the same command again to resume);
-130 interrupted with Ctrl-C.
+(SIGTERM: the step was finished and a checkpoint saved; run the same command again to resume; for
+``eval --task``, the finished tasks were written); 130 interrupted with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -374,6 +374,7 @@ def cmd_import(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .evals.runner import EvalStopped
     from .train.trainer import Preempted, TrainingDiverged
 
     try:
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except Preempted as e:
+    except (Preempted, EvalStopped) as e:
         print(str(e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

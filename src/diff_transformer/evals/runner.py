@@ -9,7 +9,8 @@
 
 Nothing is written until every task of every model has finished, so a bad option or a missing
 input (a UserError) leaves every folder as it was; when ``evaluate_path`` is stopped by anything
-else (a crash, Ctrl-C), the tasks that finished are written.
+else (a crash, Ctrl-C, SIGTERM), the tasks that finished are written. SIGTERM then raises
+:class:`EvalStopped` (the CLI exits 75, as a preempted ``train``; Ctrl-C exits 130).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +36,42 @@ from .common import dumps
 
 GLOBAL_OPTIONS = ("data",)  # read by the runner itself
 MAX_DOCUMENT_TOKENS = 4_000_000  # held-out tokens decoded into documents (the first ones)
+EXIT_STOPPED = 75  # EX_TEMPFAIL, as a preempted `train`: the finished tasks are written, rerun for the rest
+
+
+class EvalStopped(BaseException):
+    """SIGTERM arrived while tasks ran. A BaseException, as KeyboardInterrupt, so that a task's own
+    ``except Exception`` cannot take it for a failure of its own and carry on."""
+
+    exit_code = EXIT_STOPPED
+
+    def __init__(self):
+        super().__init__("stopped by SIGTERM: rerun the tasks that did not finish")
+
+
+class _SigtermRaises:
+    """Within ``with``: SIGTERM raises :class:`EvalStopped` in the main thread, once; while ``held`` (the
+    finished tasks are being written) it is ignored, so that the writing is not cut short."""
+
+    def __init__(self):
+        self.held = False
+        self._previous = None
+        self._installed = False
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if not self.held:
+            self.held = True
+            raise EvalStopped()
+
+    def __enter__(self) -> "_SigtermRaises":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
 
 
 def load_tasks() -> dict[str, Task]:
@@ -225,16 +264,18 @@ def evaluate_path(path, tasks, *, device: str = "cpu", data_cache=None, options:
                         progress=progress)
     out = output_folder(ctx.run_dir, ctx.model_dir)
     results: dict[str, dict] = {}
-    try:
-        run_tasks(ctx, tasks, echo, into=results)
-    except UserError:
-        raise  # bad input: nothing is written
-    except BaseException:  # a crash or Ctrl-C: keep what finished
-        if results:
+    with _SigtermRaises() as sigterm:
+        try:
+            run_tasks(ctx, tasks, echo, into=results)
             write_results(out, results, _default_label(ctx))
-            print(f"note: wrote the finished tasks ({', '.join(results)}) to {out}", file=sys.stderr)
-        raise
-    write_results(out, results, _default_label(ctx))
+        except UserError:
+            raise  # bad input: nothing is written
+        except BaseException:  # a crash, Ctrl-C or SIGTERM (EvalStopped): keep what finished
+            sigterm.held = True
+            if results:
+                write_results(out, results, _default_label(ctx))  # each file atomically, again if need be
+                print(f"note: wrote the finished tasks ({', '.join(results)}) to {out}", file=sys.stderr)
+            raise
     return results
 
 
