@@ -151,28 +151,56 @@ def test_probe_refuses_arguments_it_does_not_know():
             softmax_attention(q, q, q, bias=torch.zeros(4, 4))
 
 
-@pytest.mark.parametrize("attention", ["baseline", "diff", "diff_v2"])
+def test_split_mass_by_hand():
+    span, context_end = (1, 2), 3  # answer: key 1; noise: keys 0 and 2; other: keys 3 and 4
+    a1 = torch.tensor([0.1, 0.6, 0.1, 0.1, 0.1])
+    a2 = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2])
+    # λ = 1.5: A1 − λA2 = [−0.2, 0.3, −0.2, −0.2, −0.2], row sum −0.5 (= 1 − λ), Σ|a| = 1.1. Dividing by
+    # the row sum gave answer −0.6 and noise +0.8; by Σ|a|: 0.3 / 1.1 and −0.4 / 1.1.
+    got = attention_noise.split_mass(a1 - 1.5 * a2, span, context_end)
+    expect = {"answer": 3 / 11, "noise": -4 / 11, "other": -4 / 11, "raw_answer": 0.3, "raw_noise": -0.4,
+              "raw_other": -0.4, "row_sum": -0.5, "row_abs_sum": 1.1}
+    assert {k: pytest.approx(float(v), abs=1e-6) for k, v in got.items()} == expect
+    # λ = −0.5: A1 + 0.5·A2 = [0.2, 0.7, 0.2, 0.2, 0.2] ≥ 0, Σ|a| = Σa = 1.5: the plain fractions
+    got = attention_noise.split_mass(a1 + 0.5 * a2, span, context_end)
+    assert float(got["answer"]) == pytest.approx(0.7 / 1.5) and float(got["noise"]) == pytest.approx(0.4 / 1.5)
+    assert float(got["other"]) == pytest.approx(0.4 / 1.5) and float(got["row_abs_sum"]) == pytest.approx(1.5)
+    # λ = 1 with A1 = A2: an all-zero row has zero shares, not NaN; batched rows are independent
+    rows = torch.stack([a1 - 1.5 * a2, a2 - a2])  # (2, M)
+    got = attention_noise.split_mass(rows, span, context_end)
+    assert got["answer"].tolist() == pytest.approx([3 / 11, 0.0]) and torch.isfinite(got["noise"]).all()
+
+
+@pytest.mark.parametrize("attention", ["baseline", "diff", "diff_v2", "diff_lambda_above_1"])
 def test_attention_mass_uniform_attention_by_hand(attention):
-    model = tiny_model(attention, n_layers=1)
+    model = tiny_model("diff" if attention == "diff_lambda_above_1" else attention, n_layers=1)
+    d = model.config.head_dim
     with torch.no_grad():
         model.layers[0].self_attn.q_proj.weight.zero_()  # every logit 0: uniform over the visible keys
-        if attention == "diff":
+        if attention.startswith("diff_lambda") or attention == "diff":
             for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
                 getattr(model.layers[0].self_attn, name).zero_()  # λ = e^0 − e^0 + λ_init = λ_init
+        if attention == "diff_lambda_above_1":
+            for name in ("lambda_q1", "lambda_k1"):  # λq1·λk1 = log 2: λ = 2 − 1 + λ_init = 1.2
+                getattr(model.layers[0].self_attn, name).fill_(math.sqrt(math.log(2) / d))
     ids = list(range(40, 70))
     queries, span, context_end = [20, 25, 29], (5, 9), 15
     got = attention_noise.attention_mass(model, ids, queries, span, context_end, torch.device("cpu"))
+    # A1 = A2 = uniform, so the map is (1 − λ)/(q + 1) on every visible key: the shares are ±(keys)/(q + 1),
+    # negative when λ > 1 (the row gives every key negative weight)
+    lam = {"diff": 0.2, "diff_lambda_above_1": 1.2}.get(attention, 0.0)
+    sign = -1.0 if lam > 1 else 1.0
     expect_answer = np.mean([4 / (q + 1) for q in queries])
     expect_noise = np.mean([(15 - 4) / (q + 1) for q in queries])
-    scale = 1 - model.layers[0].self_attn.lambda_init if attention == "diff" else 1.0
-    assert got["answer"][0] == pytest.approx(expect_answer, rel=1e-5)
-    assert got["noise"][0] == pytest.approx(expect_noise, rel=1e-5)
+    assert got["answer"][0] == pytest.approx(sign * expect_answer, rel=1e-5)
+    assert got["noise"][0] == pytest.approx(sign * expect_noise, rel=1e-5)
     if attention == "diff_v2":  # λ per token: rows sum to 1 − λ_t, only the normalised masses are known
         return
-    assert got["raw_answer"][0] == pytest.approx(scale * expect_answer, rel=1e-5)
-    assert got["row_sum"][0] == pytest.approx(scale, rel=1e-5)
-    if attention == "diff":
-        assert scale == pytest.approx(0.8)  # λ_init(0) = 0.8 − 0.6 = 0.2
+    if attention != "baseline":
+        assert model.lambdas()[0] == pytest.approx(lam, rel=1e-5)
+    assert got["raw_answer"][0] == pytest.approx((1 - lam) * expect_answer, rel=1e-4)
+    assert got["row_sum"][0] == pytest.approx(1 - lam, rel=1e-4)
+    assert got["row_abs_sum"][0] == pytest.approx(abs(1 - lam), rel=1e-4)
 
 
 # Quantization ---------------------------------------------------------------------------------------
