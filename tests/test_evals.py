@@ -450,3 +450,36 @@ def test_sigterm_and_ctrl_c_keep_the_finished_tasks(tmp_path, sig, code):
     assert strict_json(folder / "evals" / "lambda.json")["meta"]["task"] == "lambda"
     assert not (folder / "evals" / "slow.json").exists()
     assert not list((folder / "evals").glob(".*"))  # no temporary file left behind
+
+
+def test_eval_compare_stopped_keeps_each_runs_finished_tasks(runs, monkeypatch, tmp_path):
+    """SIGTERM (raised in this process) while the second run's tasks run: the first run's tasks and the
+    second's finished one are written, no comparison; the SIGTERM handler is given back afterwards."""
+    import shutil
+
+    from diff_transformer.evals.base import TASKS, Task
+
+    copies = {name: tmp_path / name for name in ("diff", "baseline")}
+    for name, folder in copies.items():
+        shutil.copytree(runs[name], folder, ignore=shutil.ignore_patterns("evals"))
+
+    def stop_in_second_run(ctx):
+        if ctx.run_dir == copies["baseline"]:
+            signal.raise_signal(signal.SIGTERM)
+        return {"summary": {"x": 1.0}}
+
+    monkeypatch.setitem(TASKS, "stop", Task("stop", stop_in_second_run, None, "stops", needs_data=False, options=()))
+    def guard(signum, frame):  # should the runner not catch SIGTERM, fail this test rather than kill pytest
+        raise RuntimeError("SIGTERM reached the test's handler")
+
+    previous = signal.signal(signal.SIGTERM, guard)
+    try:
+        with pytest.raises(runner.EvalStopped):
+            runner.evaluate_runs({"DIFF": [copies["diff"]], "baseline": [copies["baseline"]]}, ["lambda", "stop"],
+                                 out=tmp_path / "cmp", progress=False, echo=None)
+        assert signal.getsignal(signal.SIGTERM) is guard
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert strict_json(copies["diff"] / "evals" / "stop.json")["summary"] == {"x": 1.0}
+    assert strict_json(copies["baseline"] / "evals" / "lambda.json")["lambda"] == "no λ"
+    assert not (copies["baseline"] / "evals" / "stop.json").exists() and not (tmp_path / "cmp").exists()

@@ -3,7 +3,7 @@
 Exit codes: 0 done; 2 bad input (one line ``error: ...`` naming the problem and the fix, and
 nothing on disk overwritten); 3 training diverged (non-finite steps, no rollback left); 75 preempted
 (SIGTERM: the step was finished and a checkpoint saved; run the same command again to resume; for
-``eval --task``, the finished tasks were written); 130 interrupted with Ctrl-C.
+``eval --task`` and ``eval-compare``, the finished tasks were written); 130 interrupted with Ctrl-C.
 """
 
 from __future__ import annotations
