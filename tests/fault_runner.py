@@ -12,6 +12,7 @@ The command line is the user's; the fault comes from the environment, so a rerun
     ``manifest``  every file in place, ``manifest.json`` written to its temporary name but not renamed;
     ``marker``    ``COMPLETE`` written to its temporary name but not renamed;
     ``prune``     after the commit, before older checkpoints are deleted.
+``FAULT=slow_task:PATH``   register an evaluation task ``slow`` that creates PATH, then sleeps (until a signal).
 ``FAULT_BATCH_LOG=PATH``   append ``{"step": s, "x": token ids}`` for every training batch the trainer takes.
 """
 
@@ -87,12 +88,27 @@ def log_batches(path: str) -> None:
     Batches.batch = batch
 
 
+def slow_task(ready: str) -> None:
+    import time
+
+    from diff_transformer.evals.base import register
+
+    def run(ctx):
+        Path(ready).touch()  # the tasks before this one have finished
+        time.sleep(300)
+        return {"summary": {}}
+
+    register("slow", run, description="sleeps (a test's stand-in for a long task)", needs_data=False, options=())
+
+
 def install(spec: str) -> None:
     kind, _, rest = spec.partition(":")
     if kind == "kill_step":
         at_step(int(rest), signal.SIGKILL)
     elif kind == "term_step":
         at_step(int(rest), signal.SIGTERM)
+    elif kind == "slow_task":
+        slow_task(rest)
     elif kind == "save":
         step, stage = rest.split(":")
         in_save(int(step), stage)

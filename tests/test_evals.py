@@ -7,7 +7,10 @@ import hashlib
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,9 @@ from diff_transformer.evals.base import EvalContext
 from diff_transformer.evals.common import probing
 
 from conftest import write_corpus
+from evals_helpers import model_folder
+
+RUNNER = Path(__file__).with_name("fault_runner.py")
 
 runner.load_tasks()
 from diff_transformer.evals import attention_noise, long_nll, needle, outliers, perplexity, quantization  # noqa: E402
@@ -110,11 +116,13 @@ def test_rank_scoring_with_rigged_logits():
     assert needle.rank_of([0.0, 0.0], 0) == 2  # ties count against the right answer
 
 
-def test_greedy_text_is_model_generate_greedy():
+@pytest.mark.parametrize("amp", [False, True])
+def test_greedy_text_is_model_generate_greedy(amp):
     model, tok = tiny_model("diff"), ByteTokenizer()
     prompt = tok.encode("The special magic number for Oslo is:")
-    ref = model.generate(torch.tensor([prompt]), 6, temperature=0)[0, len(prompt):].tolist()
-    assert needle.greedy_text(model, tok, prompt, 6, torch.device("cpu"), False) == tok.decode(ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):  # as greedy_text's own autocast
+        ref = model.generate(torch.tensor([prompt]), 6, temperature=0)[0, len(prompt):].tolist()
+    assert needle.greedy_text(model, tok, prompt, 6, torch.device("cpu"), amp) == tok.decode(ref)
 
 
 # The probe and the attention masses ----------------------------------------------------------------
@@ -143,28 +151,56 @@ def test_probe_refuses_arguments_it_does_not_know():
             softmax_attention(q, q, q, bias=torch.zeros(4, 4))
 
 
-@pytest.mark.parametrize("attention", ["baseline", "diff", "diff_v2"])
+def test_split_mass_by_hand():
+    span, context_end = (1, 2), 3  # answer: key 1; noise: keys 0 and 2; other: keys 3 and 4
+    a1 = torch.tensor([0.1, 0.6, 0.1, 0.1, 0.1])
+    a2 = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2])
+    # λ = 1.5: A1 − λA2 = [−0.2, 0.3, −0.2, −0.2, −0.2], row sum −0.5 (= 1 − λ), Σ|a| = 1.1. Dividing by
+    # the row sum gave answer −0.6 and noise +0.8; by Σ|a|: 0.3 / 1.1 and −0.4 / 1.1.
+    got = attention_noise.split_mass(a1 - 1.5 * a2, span, context_end)
+    expect = {"answer": 3 / 11, "noise": -4 / 11, "other": -4 / 11, "raw_answer": 0.3, "raw_noise": -0.4,
+              "raw_other": -0.4, "row_sum": -0.5, "row_abs_sum": 1.1}
+    assert {k: pytest.approx(float(v), abs=1e-6) for k, v in got.items()} == expect
+    # λ = −0.5: A1 + 0.5·A2 = [0.2, 0.7, 0.2, 0.2, 0.2] ≥ 0, Σ|a| = Σa = 1.5: the plain fractions
+    got = attention_noise.split_mass(a1 + 0.5 * a2, span, context_end)
+    assert float(got["answer"]) == pytest.approx(0.7 / 1.5) and float(got["noise"]) == pytest.approx(0.4 / 1.5)
+    assert float(got["other"]) == pytest.approx(0.4 / 1.5) and float(got["row_abs_sum"]) == pytest.approx(1.5)
+    # λ = 1 with A1 = A2: an all-zero row has zero shares, not NaN; batched rows are independent
+    rows = torch.stack([a1 - 1.5 * a2, a2 - a2])  # (2, M)
+    got = attention_noise.split_mass(rows, span, context_end)
+    assert got["answer"].tolist() == pytest.approx([3 / 11, 0.0]) and torch.isfinite(got["noise"]).all()
+
+
+@pytest.mark.parametrize("attention", ["baseline", "diff", "diff_v2", "diff_lambda_above_1"])
 def test_attention_mass_uniform_attention_by_hand(attention):
-    model = tiny_model(attention, n_layers=1)
+    model = tiny_model("diff" if attention == "diff_lambda_above_1" else attention, n_layers=1)
+    d = model.config.head_dim
     with torch.no_grad():
         model.layers[0].self_attn.q_proj.weight.zero_()  # every logit 0: uniform over the visible keys
-        if attention == "diff":
+        if attention.startswith("diff_lambda") or attention == "diff":
             for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
                 getattr(model.layers[0].self_attn, name).zero_()  # λ = e^0 − e^0 + λ_init = λ_init
+        if attention == "diff_lambda_above_1":
+            for name in ("lambda_q1", "lambda_k1"):  # λq1·λk1 = log 2: λ = 2 − 1 + λ_init = 1.2
+                getattr(model.layers[0].self_attn, name).fill_(math.sqrt(math.log(2) / d))
     ids = list(range(40, 70))
     queries, span, context_end = [20, 25, 29], (5, 9), 15
     got = attention_noise.attention_mass(model, ids, queries, span, context_end, torch.device("cpu"))
+    # A1 = A2 = uniform, so the map is (1 − λ)/(q + 1) on every visible key: the shares are ±(keys)/(q + 1),
+    # negative when λ > 1 (the row gives every key negative weight)
+    lam = {"diff": 0.2, "diff_lambda_above_1": 1.2}.get(attention, 0.0)
+    sign = -1.0 if lam > 1 else 1.0
     expect_answer = np.mean([4 / (q + 1) for q in queries])
     expect_noise = np.mean([(15 - 4) / (q + 1) for q in queries])
-    scale = 1 - model.layers[0].self_attn.lambda_init if attention == "diff" else 1.0
-    assert got["answer"][0] == pytest.approx(expect_answer, rel=1e-5)
-    assert got["noise"][0] == pytest.approx(expect_noise, rel=1e-5)
+    assert got["answer"][0] == pytest.approx(sign * expect_answer, rel=1e-5)
+    assert got["noise"][0] == pytest.approx(sign * expect_noise, rel=1e-5)
     if attention == "diff_v2":  # λ per token: rows sum to 1 − λ_t, only the normalised masses are known
         return
-    assert got["raw_answer"][0] == pytest.approx(scale * expect_answer, rel=1e-5)
-    assert got["row_sum"][0] == pytest.approx(scale, rel=1e-5)
-    if attention == "diff":
-        assert scale == pytest.approx(0.8)  # λ_init(0) = 0.8 − 0.6 = 0.2
+    if attention != "baseline":
+        assert model.lambdas()[0] == pytest.approx(lam, rel=1e-5)
+    assert got["raw_answer"][0] == pytest.approx((1 - lam) * expect_answer, rel=1e-4)
+    assert got["row_sum"][0] == pytest.approx(1 - lam, rel=1e-4)
+    assert got["row_abs_sum"][0] == pytest.approx(abs(1 - lam), rel=1e-4)
 
 
 # Quantization ---------------------------------------------------------------------------------------
@@ -385,3 +421,65 @@ def test_a_crash_keeps_the_finished_tasks(runs, monkeypatch, tmp_path):
         runner.evaluate_path(run, ["lambda", "boom"], progress=False)
     assert strict_json(run / "evals" / "lambda.json")["final"]
     assert not (run / "evals" / "boom.json").exists()
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 75), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_keep_the_finished_tasks(tmp_path, sig, code):
+    """`timeout` (SIGTERM) or Ctrl-C during a slow task: the finished task's JSON is written, the note is
+    printed, and the exit code is the trainer's (75 / 130)."""
+    folder = model_folder(tmp_path / "model", attention="diff")
+    ready = tmp_path / "slow_started"
+    env = {**os.environ, "FAULT": f"slow_task:{ready}", "PYTHONPATH": os.pathsep.join(sys.path)}
+    # A child of a non-interactive shell may start with SIGINT ignored; the runner wants Python's default.
+    code_line = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                 f"sys.argv = [{str(RUNNER)!r}, *sys.argv[1:]]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", code_line, "eval", str(folder), "--task", "lambda,slow",
+                             "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), proc.communicate(timeout=30)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    assert out.startswith("lambda: ")
+    assert f"note: wrote the finished tasks (lambda) to {folder / 'evals'}" in err
+    assert strict_json(folder / "evals" / "lambda.json")["meta"]["task"] == "lambda"
+    assert not (folder / "evals" / "slow.json").exists()
+    assert not list((folder / "evals").glob(".*"))  # no temporary file left behind
+
+
+def test_eval_compare_stopped_keeps_each_runs_finished_tasks(runs, monkeypatch, tmp_path):
+    """SIGTERM (raised in this process) while the second run's tasks run: the first run's tasks and the
+    second's finished one are written, no comparison; the SIGTERM handler is given back afterwards."""
+    import shutil
+
+    from diff_transformer.evals.base import TASKS, Task
+
+    copies = {name: tmp_path / name for name in ("diff", "baseline")}
+    for name, folder in copies.items():
+        shutil.copytree(runs[name], folder, ignore=shutil.ignore_patterns("evals"))
+
+    def stop_in_second_run(ctx):
+        if ctx.run_dir == copies["baseline"]:
+            signal.raise_signal(signal.SIGTERM)
+        return {"summary": {"x": 1.0}}
+
+    monkeypatch.setitem(TASKS, "stop", Task("stop", stop_in_second_run, None, "stops", needs_data=False, options=()))
+    def guard(signum, frame):  # should the runner not catch SIGTERM, fail this test rather than kill pytest
+        raise RuntimeError("SIGTERM reached the test's handler")
+
+    previous = signal.signal(signal.SIGTERM, guard)
+    try:
+        with pytest.raises(runner.EvalStopped):
+            runner.evaluate_runs({"DIFF": [copies["diff"]], "baseline": [copies["baseline"]]}, ["lambda", "stop"],
+                                 out=tmp_path / "cmp", progress=False, echo=None)
+        assert signal.getsignal(signal.SIGTERM) is guard
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert strict_json(copies["diff"] / "evals" / "stop.json")["summary"] == {"x": 1.0}
+    assert strict_json(copies["baseline"] / "evals" / "lambda.json")["lambda"] == "no λ"
+    assert not (copies["baseline"] / "evals" / "stop.json").exists() and not (tmp_path / "cmp").exists()

@@ -8,7 +8,9 @@ import random
 import re
 
 import pytest
+import torch
 
+from diff_transformer.data.tokenizer import ByteTokenizer
 from diff_transformer.errors import UserError
 from diff_transformer.evals import hallucination as hal
 
@@ -166,3 +168,22 @@ def test_cli_eval_task_hallucination(tmp_path, capsys):
     res = json.loads((folder / "evals" / "hallucination.json").read_text())
     assert "PROXY" in res["note"] and res["kv"]["removed"]["n"] == 2
     assert (folder / "evals" / "hallucination.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("attention", ["diff", "baseline", "diff_v2"])
+def test_scorers_under_bf16_autocast(attention):
+    """The CUDA evaluation runs under bf16 autocast, where an fp32 KV cache made DIFF's op refuse bf16
+    queries. Greedy answers are those of the uncached bf16 forward; the run completes."""
+    model = tiny_model(attention, max_seq_len=1024)
+    tok = ByteTokenizer()
+    item = hal.make_kv_item(random.Random(0), removed=False, n_records=3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        text = hal.generate(model, tok, item["prompt"], max_new_tokens=5)
+        ids = torch.tensor([tok.encode(item["prompt"])])
+        for _ in range(5):  # no cache: the whole sequence again at every step
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert hal.choose(model, tok, item["prompt"], hal.kv_candidates(item)) in hal.kv_candidates(item)
+        res = hal.run(context(model, options={"n_items": 1, "n_facts": 2, "max_new_tokens": 3}))
+    new = ids[0, -5:].tolist()
+    assert text == tok.decode(new[:new.index(tok.eos_id)] if tok.eos_id in new else new)
+    assert sum(res["kv"]["removed"]["greedy"].values()) == pytest.approx(1.0)

@@ -80,6 +80,30 @@ def test_shared_prefix_gives_the_full_sequence_scores(attention, backend):
         assert s.n_tokens == one.n_tokens and s.greedy == one.greedy
 
 
+@pytest.mark.parametrize("attention", ["diff", "baseline", "diff_v2"])
+def test_shared_prefix_and_classify_under_bf16_autocast(attention):
+    """The CUDA evaluation runs these under bf16 autocast; a prefix cache kept in fp32 made DIFF's op
+    refuse the bf16 queries. Scores stay those of the full sequence, and near the fp32 ones."""
+    model = tiny_model(attention, attn_backend="sdpa")
+    gen = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, 256, (40,), generator=gen).tolist()
+    ctx_ids = torch.randint(0, 256, (7,), generator=gen).tolist()
+    conts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (1, 3, 5, 2)]
+    fp32 = score_continuations(model, prefix + ctx_ids, conts)
+    labels = {lab: list(icl.LABEL.format(label=lab).encode()) for lab in TOPICS}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        shared_prefix = SharedPrefix(model, prefix)
+        shared = score_continuations(model, ctx_ids, conts, prefix=shared_prefix, batch_size=3)
+        full = score_continuations(model, prefix + ctx_ids, conts)
+        picked = icl.classify(model, shared_prefix, ctx_ids, labels)
+        picked_full = icl.classify(model, None, prefix + ctx_ids, labels)
+    assert all(t.dtype == torch.bfloat16 for t in shared_prefix.k + shared_prefix.v)
+    for s, f, ref in zip(shared, full, fp32):
+        assert s.logprob == pytest.approx(f.logprob, abs=0.02)
+        assert s.logprob == pytest.approx(ref.logprob, abs=0.05)
+    assert picked == picked_full
+
+
 def test_scorer_refuses_what_does_not_fit():
     model = tiny_model(max_seq_len=16)
     with pytest.raises(ValueError, match="max_seq_len"):
@@ -230,6 +254,17 @@ def test_run_on_a_tiny_model_fits_the_context_and_plots(tmp_path):
     assert default["shots"][-1] == default["max_shots_fit"] and default["dropped_shots"] == []
     icl.plot([("DIFF", res), ("other", default)], tmp_path / "icl.png")
     assert (tmp_path / "icl.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("attention", ["diff", "baseline", "diff_v2"])
+def test_run_under_bf16_autocast(tmp_path, attention):
+    data = write_jsonl(tmp_path / "topics.jsonl", synthetic(6))
+    ctx = context(tiny_model(attention, max_seq_len=160), options={"dataset": data, "shots": "0,2", "orders": 2,
+                                                                    "n_test": 3})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = icl.run(ctx)
+    assert res["shots"] == [0, 2] and len(res["per_shot"][1]["acc"]) == 2
+    assert all(0 <= a <= 1 for r in res["per_shot"] for a in r["acc"])
 
 
 def test_run_with_a_rigged_model_scores_only_the_right_label(tmp_path):

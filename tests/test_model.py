@@ -167,6 +167,41 @@ def test_greedy_generation_matches_argmax_of_full_forward():
             assert torch.equal(out[:, t], model(out[:, :t])[:, -1].argmax(-1))
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_new_cache_takes_the_autocast_dtype(attention):
+    model = DiffTransformerLM(small_config(attention)).eval()
+    assert model.new_cache(1, 8).k[0].dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.new_cache(1, 8)
+        assert model.new_cache(1, 8, torch.float32).v[0].dtype == torch.float32  # an explicit dtype wins
+    assert all(t.dtype == torch.bfloat16 for t in cache.k + cache.v)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert model.new_cache(1, 8).k[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_bf16_autocast_cached_greedy_decoding_equals_uncached(attention, backend):
+    """Under bf16 autocast the cache holds bf16 keys and values (an fp32 one made DIFF's op refuse q and k),
+    and decoding from it picks the tokens the uncached bf16 forward picks."""
+    cfg = small_config(attention, attn_backend=backend)
+    model = randomize_(DiffTransformerLM(cfg, seed=5)).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(prompt, max_new_tokens=12, temperature=0)
+        ref = prompt
+        for _ in range(12):  # no cache: the whole sequence again at every step
+            ref = torch.cat([ref, model(ref)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ref)
+
+
+def test_a_cache_of_another_dtype_is_refused_by_name():
+    model = DiffTransformerLM(small_config("baseline")).eval()
+    cache = model.new_cache(1, 8)  # fp32, made outside the autocast region below
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="new_cache"):
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+
+
 def test_sampling_is_seeded_and_top_k_one_is_greedy():
     cfg = small_config("diff_v2")
     model = DiffTransformerLM(cfg, seed=7).eval()

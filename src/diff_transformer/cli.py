@@ -2,8 +2,9 @@
 
 Exit codes: 0 done; 2 bad input (one line ``error: ...`` naming the problem and the fix, and
 nothing on disk overwritten); 3 training diverged (non-finite steps, no rollback left); 75 preempted
-(SIGTERM: the step was finished and a checkpoint saved; run the same command again to resume);
-130 interrupted with Ctrl-C (during training: after the same save as SIGTERM).
+(SIGTERM: the step was finished and a checkpoint saved; run the same command again to resume; for
+``eval --task`` and ``eval-compare``, the finished tasks were written); 130 interrupted with Ctrl-C
+(during training: after the same save as SIGTERM).
 """
 
 
@@ -423,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.formatwarning = _format_warning  # one "warning: ..." line, not a source location
+    from .evals.runner import EvalStopped
     from .train.trainer import Preempted, TrainingDiverged
 
     try:
@@ -433,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except Preempted as e:
+    except (Preempted, EvalStopped) as e:
         print(str(e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -105,6 +105,9 @@ class KVCache:
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested. Allocate a longer cache.")
+        if k.dtype != self.k[layer].dtype:  # storing would cast silently; the op would then refuse q and k
+            raise ValueError(f"KV cache holds {self.k[layer].dtype} but this forward makes {k.dtype} keys: build the "
+                             "cache with model.new_cache inside the same autocast region as the forward")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
@@ -114,6 +117,16 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def activation_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype of a linear layer's output for ``weight`` here: autocast's when autocast is on for the
+    weight's device type (fp64 weights excepted: autocast leaves them alone), else the weight's."""
+    device = weight.device.type
+    if (weight.dtype != torch.float64 and torch.amp.is_autocast_available(device)
+            and torch.is_autocast_enabled(device)):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
 
 
 # Attention -------------------------------------------------------------------------------------
@@ -472,8 +485,14 @@ class DiffTransformerLM(nn.Module):
         return self.lm_head(self.norm(x))
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache for ``batch`` rows of up to ``max_len`` positions, on the weights' device.
+
+        ``dtype`` defaults to that of the keys and values the forward will make: the autocast dtype when
+        autocast is on for the weights' device (so build the cache inside the autocast region that runs
+        the model), else the weights' dtype.
+        """
         p = self.embed_tokens.weight
-        return KVCache(self.config, batch, max_len, dtype or p.dtype, p.device)
+        return KVCache(self.config, batch, max_len, dtype or activation_dtype(p), p.device)
 
     # Introspection -------------------------------------------------------------------------
     def lambdas(self) -> list[float] | None:

@@ -12,11 +12,16 @@ token but the last. For each layer the attention map of these rows is split into
 averaged over heads, query positions and examples.
 
 The map is DIFF's combined map ``A1 − λ·A2`` (V1: λ per layer; V2: λ per token and head) and the
-baseline's softmax map. A row of the combined map sums to ``1 − λ`` (V1), not 1, so the headline
-numbers (``answer``, ``noise``, ``other``) divide each row by its sum, making them fractions
-comparable with the baseline's; ``raw_answer``, ``raw_noise``, ``raw_other`` are the unnormalised
-masses (equal to the headline numbers for the baseline). Options: ``context`` (default max_seq_len),
-``needles`` (4, or fewer as in the needle task), ``asked`` (1), ``samples`` (8), ``haystack``.
+baseline's softmax map. A row of the combined map sums to ``1 − λ`` (V1), near 0 or negative in
+trained layers whose λ is near or above 1, and its entries may be negative (λ > 0). So the
+headline numbers (``answer``, ``noise``, ``other``) are each part's signed mass divided by the row's
+total absolute mass ``Σ_j |a_ij|``: they lie in [−1, 1], stay finite, and equal the plain fractions
+of the row for a non-negative map (the baseline's; DIFF's when λ ≤ 0, where ``A1 + |λ|·A2 ≥ 0``).
+A negative share means the row takes more of ``λ·A2`` than of ``A1`` from those keys.
+``raw_answer``, ``raw_noise``, ``raw_other`` are the unnormalised masses (equal to the headline
+numbers for the baseline); ``row_sum`` and ``row_abs_sum`` the mean row sum and absolute mass.
+Options: ``context`` (default max_seq_len), ``needles`` (4, or fewer as in the needle task), ``asked``
+(1), ``samples`` (8), ``haystack``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..attention.probe import AttentionProbe
 from ..data.synthetic import make_needle_example
@@ -34,33 +40,35 @@ from .common import (autocast, haystack_ids, integer_ticks, positive, probing, p
                      require_probe_support, save_figure)
 from .needle import DEFAULT_DEPTHS, default_needles
 
-PARTS = ("answer", "noise", "other")
+def split_mass(a: Tensor, span: tuple[int, int], context_end: int) -> dict[str, Tensor]:
+    """Rows ``a`` (..., M) of an attention map -> per row (...,): the signed masses on keys ``span``
+    (``answer``), on the rest of ``[0, context_end)`` (``noise``) and on the keys after (``other``),
+    each raw (``raw_*``) and divided by the row's total absolute mass Σ_j |a_ij| (in [−1, 1]); plus
+    ``row_sum`` (Σ_j a_ij) and ``row_abs_sum`` (Σ_j |a_ij|)."""
+    s0, s1 = span
+    answer = a[..., s0:s1].sum(-1)
+    raw = {"answer": answer, "noise": a[..., :context_end].sum(-1) - answer, "other": a[..., context_end:].sum(-1)}
+    abs_sum = a.abs().sum(-1)
+    scale = abs_sum.clamp_min(torch.finfo(a.dtype).tiny)  # an all-zero row (A1 = λ·A2) has zero shares
+    return {**{p: v / scale for p, v in raw.items()}, **{f"raw_{p}": v for p, v in raw.items()},
+            "row_sum": a.sum(-1), "row_abs_sum": abs_sum}
 
 
 @torch.no_grad()
 def attention_mass(model, ids: list[int], queries: list[int], span: tuple[int, int], context_end: int,
                    device: torch.device, amp: bool = False) -> dict[str, np.ndarray]:
     """Per layer, the attention mass of rows ``queries`` on ``span``, on the rest of ``[0, context_end)``
-    and on the remaining visible keys, mean over heads and queries.
-
-    Returns ``{"answer", "noise", "other"}`` (row-normalised maps) and ``{"raw_answer", ...}``
-    (unnormalised), each an (n_layers,) array, plus ``"row_sum"``: the mean unnormalised row sum.
+    and on the remaining visible keys (see :func:`split_mass`), mean over heads and queries: each an
+    (n_layers,) array.
     """
     n_layers = len(model.layers)
-    acc = {k: np.zeros(n_layers) for k in (*PARTS, *(f"raw_{p}" for p in PARTS), "row_sum")}
+    acc: dict[str, np.ndarray] = {}
     q_idx = torch.tensor(queries, device=device)
-    s0, s1 = span
 
     def on_call(call) -> None:
         a = call.combined()[0, :, q_idx]  # (H, Q, M) fp32
-        parts = {"answer": a[..., s0:s1].sum(-1),
-                 "noise": a[..., :context_end].sum(-1) - a[..., s0:s1].sum(-1),
-                 "other": a[..., context_end:].sum(-1)}  # each (H, Q)
-        total = a.sum(-1)  # (H, Q): 1 for softmax, 1 − λ for DIFF V1
-        for p, v in parts.items():
-            acc[f"raw_{p}"][call.layer] = float(v.mean())
-            acc[p][call.layer] = float((v / total).mean())
-        acc["row_sum"][call.layer] = float(total.mean())
+        for k, v in split_mass(a, span, context_end).items():  # each (H, Q)
+            acc.setdefault(k, np.zeros(n_layers))[call.layer] = float(v.mean())
 
     x = torch.tensor([ids], dtype=torch.long, device=device)
     with probing(model, AttentionProbe(callback=on_call)), torch.autocast(device.type, dtype=torch.bfloat16,
@@ -104,8 +112,9 @@ def run(ctx: EvalContext) -> dict:
         "attention": kind,
         "map": "softmax map A" if kind == "baseline" else "combined map A1 - lambda*A2",
         "normalisation": ("none needed: softmax rows sum to 1" if kind == "baseline" else
-                          "each row divided by its sum (1 - lambda for DIFF V1, 1 - lambda_t per token for V2); "
-                          "raw_* are unnormalised"),
+                          "each part's signed mass divided by the row's total absolute mass sum_j |a_ij| "
+                          "(in [-1, 1]; the plain fraction where the map is non-negative, e.g. lambda <= 0); "
+                          "raw_* are unnormalised, row_sum (1 - lambda for V1) and row_abs_sum per layer"),
         "queries": "the last prompt position and the answer tokens but the last (teacher-forced)",
         "context": context, "needles": needles, "asked": asked, "samples": samples, "examples": len(per_example),
         "per_layer": {k: v.tolist() for k, v in layers.items()},
@@ -125,7 +134,7 @@ def plot(results: list[tuple[str, dict]], path: Path) -> None:
         axes[1].plot(x, pl["noise"], marker="o", label=label)
     for ax, title in zip(axes, ("attention to the answer span", "attention noise (rest of the context)")):
         ax.set_xlabel("layer")
-        ax.set_ylabel("fraction of the row's mass")
+        ax.set_ylabel("signed share of the row's |mass|")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
     for ax in fig.axes:

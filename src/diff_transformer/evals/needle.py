@@ -31,6 +31,7 @@ from ..data.synthetic import make_needle_example
 from ..errors import UserError
 from .base import EvalContext, register
 from .common import float_list, haystack_ids, int_list, positive, progress, pyplot, require_data, save_figure
+from .scoring import greedy_generate
 
 DEFAULT_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 _LEADING_NUMBER = re.compile(r"\s*(\d+)")
@@ -70,24 +71,10 @@ def rank_of(logprobs: list[float], right: int) -> int:
     return 1 + sum(1 for i, lp in enumerate(logprobs) if i != right and lp >= logprobs[right])
 
 
-@torch.no_grad()
 def greedy_text(model, tokenizer, prompt: list[int], max_new: int, device: torch.device, amp: bool) -> str:
-    """Greedy continuation of ``prompt`` (at most ``max_new`` tokens, stopping at EOS), decoded.
-
-    Decodes with a KV cache in the activations' dtype (bf16 under autocast), which
-    ``model.generate``'s fp32 cache would not match.
-    """
-    cache = model.new_cache(1, len(prompt) + max_new, torch.bfloat16 if amp else None)
-    new: list[int] = []
+    """Greedy continuation of ``prompt`` (at most ``max_new`` tokens, stopping at EOS), decoded."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = model(torch.tensor([prompt], dtype=torch.long, device=device), cache=cache)[0, -1]  # (V,)
-        for step in range(max_new):
-            token = int(logits.float().argmax())
-            if token == tokenizer.eos_id:
-                break
-            new.append(token)
-            if step + 1 < max_new:
-                logits = model(torch.tensor([[token]], dtype=torch.long, device=device), cache=cache)[0, -1]
+        new = greedy_generate(model, prompt, max_new, stop_ids={tokenizer.eos_id})
     return tokenizer.decode(new)
 
 

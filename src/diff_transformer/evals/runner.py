@@ -8,18 +8,22 @@
   model in ``out``. ``diff-transformer eval-compare`` and the training ``compare`` call it.
 
 Nothing is written until every task of every model has finished, so a bad option or a missing
-input (a UserError) leaves every folder as it was; when ``evaluate_path`` is stopped by anything
-else (a crash, Ctrl-C), the tasks that finished are written.
+input (a UserError) leaves every folder as it was; when either is stopped by anything else (a
+crash, Ctrl-C, SIGTERM), the tasks that finished are written into each run's ``evals/``. SIGTERM
+then raises :class:`EvalStopped` (the CLI exits 75, as a preempted ``train``; Ctrl-C exits 130).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +37,42 @@ from .common import dumps
 
 GLOBAL_OPTIONS = ("data",)  # read by the runner itself
 MAX_DOCUMENT_TOKENS = 4_000_000  # held-out tokens decoded into documents (the first ones)
+EXIT_STOPPED = 75  # EX_TEMPFAIL, as a preempted `train`: the finished tasks are written, rerun for the rest
+
+
+class EvalStopped(BaseException):
+    """SIGTERM arrived while tasks ran. A BaseException, as KeyboardInterrupt, so that a task's own
+    ``except Exception`` cannot take it for a failure of its own and carry on."""
+
+    exit_code = EXIT_STOPPED
+
+    def __init__(self):
+        super().__init__("stopped by SIGTERM: rerun the tasks that did not finish")
+
+
+class _SigtermRaises:
+    """Within ``with``: SIGTERM raises :class:`EvalStopped` in the main thread, once; while ``held`` (the
+    finished tasks are being written) it is ignored, so that the writing is not cut short."""
+
+    def __init__(self):
+        self.held = False
+        self._previous = None
+        self._installed = False
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if not self.held:
+            self.held = True
+            raise EvalStopped()
+
+    def __enter__(self) -> "_SigtermRaises":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
 
 
 def load_tasks() -> dict[str, Task]:
@@ -225,17 +265,29 @@ def evaluate_path(path, tasks, *, device: str = "cpu", data_cache=None, options:
                         progress=progress)
     out = output_folder(ctx.run_dir, ctx.model_dir)
     results: dict[str, dict] = {}
-    try:
+    with _keep_finished_if_stopped([(out, results, _default_label(ctx))]):
         run_tasks(ctx, tasks, echo, into=results)
-    except UserError:
-        raise  # bad input: nothing is written
-    except BaseException:  # a crash or Ctrl-C: keep what finished
-        if results:
-            write_results(out, results, _default_label(ctx))
-            print(f"note: wrote the finished tasks ({', '.join(results)}) to {out}", file=sys.stderr)
-        raise
-    write_results(out, results, _default_label(ctx))
+        write_results(out, results, _default_label(ctx))
     return results
+
+
+@contextlib.contextmanager
+def _keep_finished_if_stopped(started: list[tuple[Path, dict[str, dict], str]]) -> Iterator[None]:
+    """Within: SIGTERM raises :class:`EvalStopped`. Any exception but a UserError (a crash, Ctrl-C,
+    SIGTERM) first writes the finished tasks of each run in ``started``, ``(evals folder, results so
+    far, label)``, which the caller fills as runs begin and tasks finish."""
+    with _SigtermRaises() as sigterm:
+        try:
+            yield
+        except UserError:
+            raise  # bad input: nothing is written
+        except BaseException:
+            sigterm.held = True
+            for out, results, label in started:
+                if results:
+                    write_results(out, results, label)  # each file atomically, again if need be
+                    print(f"note: wrote the finished tasks ({', '.join(results)}) to {out}", file=sys.stderr)
+            raise
 
 
 def _default_label(ctx: EvalContext) -> str:
@@ -308,42 +360,43 @@ def evaluate_runs(groups: dict[str, list[Path]], tasks, *, out: Path | None = No
             raise UserError(f"--out {out} is not writable")
     per_group: dict[str, list[dict[str, dict]]] = {}
     contexts: dict[str, list[tuple[Path, EvalContext]]] = {}
-    for label, runs in groups.items():
-        for path in runs:
-            if echo:
-                echo(f"[{label}] {path}")
-            ctx = build_context(path, tasks=tasks, device=device, data_cache=data_cache, options=options, seed=seed,
-                                progress=progress)
-            if write_runs:
-                output_folder(ctx.run_dir, ctx.model_dir)
-            per_group.setdefault(label, []).append(run_tasks(ctx, tasks, echo))
-            contexts.setdefault(label, []).append((Path(path), ctx))
-            ctx.model = None  # keep one model in memory at a time
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    if write_runs:
-        for label, runs in contexts.items():
-            for (path, ctx), results in zip(runs, per_group[label]):
-                write_results(output_folder(ctx.run_dir, ctx.model_dir), results, label)
-    labels = list(groups)
-    table = comparison_table(per_group, tasks)
-    n_runs = {lb: len(groups[lb]) for lb in labels}
-    md = table_markdown(table, labels, n_runs)
-    summary = {
-        "tasks": [t.name for t in tasks], "options": options, "seed": seed,
-        "groups": {lb: [{"path": str(p), "summaries": {t: r[t].get("summary") for t in r}}
-                        for (p, _), r in zip(contexts[lb], per_group[lb])] for lb in labels},
-        "table": table,
-    }
-    if echo:
-        echo(md.rstrip())
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomically(out / "evals.md", md.encode())
-        write_bytes_atomically(out / "evals.json", dumps(summary).encode())
-        for task in tasks:
-            labelled = [(lb if n_runs[lb] == 1 else f"{lb} #{i + 1}", r[task.name])
-                        for lb in labels for i, r in enumerate(per_group[lb])]
-            draw(task, labelled, out / f"{task.name}.png")
+    started: list[tuple[Path, dict[str, dict], str]] = []  # (evals folder, results so far, label) per run
+    with _keep_finished_if_stopped(started):
+        for label, runs in groups.items():
+            for path in runs:
+                if echo:
+                    echo(f"[{label}] {path}")
+                ctx = build_context(path, tasks=tasks, device=device, data_cache=data_cache, options=options,
+                                    seed=seed, progress=progress)
+                results: dict[str, dict] = {}
+                if write_runs:
+                    started.append((output_folder(ctx.run_dir, ctx.model_dir), results, label))
+                per_group.setdefault(label, []).append(run_tasks(ctx, tasks, echo, into=results))
+                contexts.setdefault(label, []).append((Path(path), ctx))
+                ctx.model = None  # keep one model in memory at a time
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        for evals, results, label in started:
+            write_results(evals, results, label)
+        labels = list(groups)
+        table = comparison_table(per_group, tasks)
+        n_runs = {lb: len(groups[lb]) for lb in labels}
+        md = table_markdown(table, labels, n_runs)
+        summary = {
+            "tasks": [t.name for t in tasks], "options": options, "seed": seed,
+            "groups": {lb: [{"path": str(p), "summaries": {t: r[t].get("summary") for t in r}}
+                            for (p, _), r in zip(contexts[lb], per_group[lb])] for lb in labels},
+            "table": table,
+        }
+        if echo:
+            echo(md.rstrip())
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomically(out / "evals.md", md.encode())
+            write_bytes_atomically(out / "evals.json", dumps(summary).encode())
+            for task in tasks:
+                labelled = [(lb if n_runs[lb] == 1 else f"{lb} #{i + 1}", r[task.name])
+                            for lb in labels for i, r in enumerate(per_group[lb])]
+                draw(task, labelled, out / f"{task.name}.png")
     return summary
 

@@ -40,8 +40,8 @@ class SharedPrefix:
         if not ids:
             raise ValueError("a shared prefix needs at least one token")
         device = model_device(model)
-        cache = model.new_cache(1, len(ids))
         with torch.no_grad(), autocast(device, amp):
+            cache = model.new_cache(1, len(ids))  # in the dtype of the keys and values under this autocast
             model(torch.tensor([ids], dtype=torch.long, device=device), cache=cache)
         self.length = len(ids)
         self.k = [k[:, :, :self.length] for k in cache.k]  # per layer (1, H_k, P, d)
