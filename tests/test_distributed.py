@@ -123,13 +123,17 @@ def test_two_processes_match_one(setup, parallel):
     assert max_rel_diff(single, two_to_one, "model.safetensors") <= 2 * floor + 1e-7
 
 
-def test_activation_checkpointing_keeps_names_and_gradients():
-    """One process: the wrapped blocks give the same loss and gradients, and the checkpoint's names."""
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])  # compiling: ~80 s cold
+def test_activation_checkpointing_keeps_names_and_gradients(compile):
+    """One process: checkpointed (and compiled) blocks give the same loss and gradients, and the
+    checkpoint's parameter names."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     def run(checkpointing: bool):
         model = DiffTransformerLM(preset("tiny").replace(dim=64, n_layers=2, vocab_size=256), seed=3)
-        model = parallelize(model, "none", DistInfo(), activation_checkpointing=checkpointing)
+        model = parallelize(model, "none", DistInfo(), activation_checkpointing=checkpointing,
+                            compile=compile and checkpointing)
+        assert all((block._compiled_call_impl is not None) == (compile and checkpointing) for block in model.layers)
         x = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(0))  # (B, N + 1)
         loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
