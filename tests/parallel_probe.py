@@ -2,8 +2,9 @@
 one forward and backward under FSDP2. Rank 0 writes JSON to ``argv[1]``.
 
 The same weights (seed 0) and the same global batch of 8 rows (4 a rank) go through plain FSDP2, FSDP2
-with activation checkpointing, and FSDP2 with bf16 mixed precision. Recorded: the global loss, every
-gradient (gathered to full tensors), the dtype ``up_proj`` computes with, and the stored dtypes.
+with activation checkpointing, and FSDP2 with bf16 mixed precision under bf16 autocast (as the trainer
+runs it). Recorded: the global loss, every gradient (gathered to full tensors), the dtype of ``up_proj``'s
+weight in the forward, of the residual stream entering block 1, and the stored dtypes.
 """
 
 from __future__ import annotations
@@ -24,18 +25,20 @@ WRAPPER = "_checkpoint_wrapped_module."  # checkpoint_wrapper's prefix in named_
 
 def step(info, **options) -> dict:
     model = DiffTransformerLM(preset("tiny").replace(dim=64, n_layers=2, vocab_size=256), seed=0)
-    seen: list[str] = []
+    seen: list[str] = []  # up_proj's weight dtype, the residual stream's dtype
     model.layers[0].mlp.up_proj.register_forward_pre_hook(lambda m, args: seen.append(str(m.weight.dtype)))
+    model.layers[1].register_forward_pre_hook(lambda m, args: seen.append(str(args[0].dtype)))
     parallelize(model, "fsdp", info, **options)
     x = torch.randint(0, 256, (8, 33), generator=torch.Generator().manual_seed(1))  # (B, N + 1), the global batch
     rows = x[4 * info.rank: 4 * (info.rank + 1)]  # (B / world, N + 1)
-    logits = model(rows[:, :-1])  # (B / world, N, V)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=options.get("mixed_precision", False)):
+        logits = model(rows[:, :-1])  # (B / world, N, V)
     loss = F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten())
     loss.backward()
     total = loss.detach().clone()
     dist.all_reduce(total)
     grads = {n.replace(WRAPPER, ""): p.grad.full_tensor() for n, p in model.named_parameters()}
-    return {"loss": total.item() / info.world_size, "grads": grads, "compute_dtype": seen[0],
+    return {"loss": total.item() / info.world_size, "grads": grads, "compute_dtype": seen[0], "residual_dtype": seen[1],
             "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
             "grad_dtypes": sorted({str(p.grad.dtype) for p in model.parameters()})}
 
@@ -53,7 +56,7 @@ def main() -> None:
             worst = max(((r["grads"][k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-30)).item() for k in ref)
             whole = (sum((r["grads"][k] - ref[k]).norm() ** 2 for k in ref) / sum(ref[k].norm() ** 2 for k in ref)).sqrt()
             out[name] = {"loss": r["loss"], "grad_rel_diff_worst_tensor": worst, "grad_rel_diff": whole.item(),
-                         "compute_dtype": r["compute_dtype"],
+                         "compute_dtype": r["compute_dtype"], "residual_dtype": r["residual_dtype"],
                          "param_dtypes": r["param_dtypes"], "grad_dtypes": r["grad_dtypes"]}
         if info.is_main:
             with open(sys.argv[1], "w") as f:

@@ -148,8 +148,9 @@ def test_activation_checkpointing_keeps_names_and_gradients(compile):
 
 
 def test_fsdp_checkpointing_and_mixed_precision(tmp_path):
-    """FSDP2 on 2 processes: activation checkpointing changes nothing in fp32; bf16 mixed precision
-    computes in bf16 and keeps fp32 master weights and gradients (gloo on the CPU supports it)."""
+    """FSDP2 on 2 processes: activation checkpointing changes nothing in fp32; bf16 mixed precision (under
+    bf16 autocast, as the trainer runs it) computes in bf16 and keeps fp32 master weights, gradients and
+    residual stream (gloo on the CPU supports it)."""
     out = tmp_path / "probe.json"
     proc = launch([str(PROBE), str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -157,7 +158,8 @@ def test_fsdp_checkpointing_and_mixed_precision(tmp_path):
     plain, ac, bf16 = r["plain"], r["checkpointed"], r["bf16"]
     assert plain["compute_dtype"] == ac["compute_dtype"] == "torch.float32"
     assert ac["loss"] == pytest.approx(plain["loss"], rel=1e-6) and ac["grad_rel_diff_worst_tensor"] <= 1e-5
-    assert bf16["compute_dtype"] == "torch.bfloat16"
+    # bf16 weights in the blocks, but an fp32 residual stream (as one process under autocast).
+    assert bf16["compute_dtype"] == "torch.bfloat16" and bf16["residual_dtype"] == plain["residual_dtype"] == "torch.float32"
     assert bf16["param_dtypes"] == bf16["grad_dtypes"] == ["torch.float32"]
     # bf16 rounding: ~1e-5 on the loss and ~1% on the gradients as a whole (measured 0.7%).
     assert bf16["loss"] == pytest.approx(plain["loss"], rel=1e-3) and 0 < bf16["grad_rel_diff"] < 3e-2

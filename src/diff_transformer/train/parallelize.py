@@ -108,10 +108,11 @@ def parallelize(model: nn.Module, mode: str, info: DistInfo, *, mixed_precision:
     Per block, in this order (torchtitan's): activation checkpointing (the block's activations are
     recomputed in the backward pass), ``torch.compile`` (in place: parameter names do not change), then
     under FSDP2 ``fully_shard`` (one all-gather / reduce-scatter unit per block), and last the root
-    (embedding, final norm and head). ``mixed_precision`` (FSDP2 only): parameters all-gathered and
-    computed in bf16, gradients reduced in fp32, fp32 master weights and AdamW moments in the shards.
-    DDP and one process compute in bf16 through the trainer's autocast instead. FSDP2 shards in place
-    and returns ``model``; DDP returns its wrapper. The model itself knows nothing of any of this.
+    (embedding, final norm and head). ``mixed_precision`` (FSDP2 only; the trainer sets it when it runs
+    under bf16 autocast, which it needs): the blocks' parameters are all-gathered and used in bf16,
+    gradients reduced in fp32, fp32 master weights and AdamW moments in the shards. DDP and one process
+    use fp32 parameters under the same autocast. FSDP2 shards in place and returns ``model``; DDP returns
+    its wrapper. The model itself knows nothing of any of this.
     """
     if mode not in ("none", "ddp", "fsdp"):
         raise UserError(f"train.parallel={mode!r} is not one of ['auto', 'none', 'ddp', 'fsdp']")
@@ -133,11 +134,14 @@ def parallelize(model: nn.Module, mode: str, info: DistInfo, *, mixed_precision:
         return DDP(model, device_ids=ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
-              else MixedPrecisionPolicy())
+    # Blocks: bf16 all-gathers (half the bytes), fp32 gradient reductions. Their inputs are not cast, so
+    # the residual stream stays fp32 as on one GPU under autocast (which runs the matmuls in bf16); the
+    # root (embedding, final norm, head) keeps fp32 parameters, also as on one GPU.
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+              if mixed_precision else MixedPrecisionPolicy())
     for block in model.layers:
         fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    fully_shard(model)
     return model
 
 
