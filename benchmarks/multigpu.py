@@ -4,7 +4,8 @@ Run from the repository root on a machine with two GPUs (``nvidia-h200-x2``); ea
 10-minute command and adds its section to the same JSON file, so they may run one at a time:
 
     python benchmarks/multigpu.py --part scaling       # base preset, DIFF and baseline: 1 GPU, DDP, FSDP2 (~6 min)
-    python benchmarks/multigpu.py --part largest       # paper-* layouts under FSDP2 + AC on 2 GPUs, and DDP (~8 min)
+    python benchmarks/multigpu.py --part largest --layouts paper-1.4b,paper-2.8b   # FSDP2 + AC on 2 GPUs, then DDP
+    python benchmarks/multigpu.py --part largest --layouts paper-6.8b              # (~5 min: a 78 GB checkpoint)
     python benchmarks/multigpu.py --smoke              # the same code on the CPU: gloo, 2 processes, tiny (~1 min)
 
 Every run is the ordinary ``train`` command (``torchrun --standalone --nproc_per_node 2 -m
@@ -18,7 +19,8 @@ model the 2-GPU curves are compared with the 1-GPU curve step by step (same seed
 ``scaling`` writes ``results.<model>.<1gpu|ddp|fsdp>`` and the speed-ups (target: >= 1.85x for DDP and
 FSDP2); ``largest`` tries each ``--layouts`` preset under FSDP2 with activation checkpointing and bf16
 mixed precision (a few steps at ``--large-batch`` x 2048 tokens) until one fails, then DDP on the largest
-that trained (expected: out of memory). The layouts take the run's vocabulary (8192 BPE ids), not the
+that trained (expected: out of memory from paper-6.8b on: 16 bytes a parameter on each GPU); runs of
+earlier invocations stay in the file. The layouts take the run's vocabulary (8192 BPE ids), not the
 paper's 100,288: the parameter counts are recorded. Output: ``benchmarks/results/multigpu-h200x2.json``.
 """
 
@@ -259,11 +261,18 @@ def main() -> int:
                 tried.append({"layout": name, "parallel": "ddp", **run})
                 print(name, "ddp", run["ok"], run["out_of_memory"], flush=True)
                 shutil.rmtree(work / f"large-{name}-ddp", ignore_errors=True)
+            # Runs of earlier invocations (other --layouts) stay, unless this one ran the same layout and mode.
+            before = json.loads(out.read_text()).get("largest", {}).get("runs", []) if out.is_file() else []
+            runs = [r for r in before if (r["layout"], r["parallel"]) not in {(t["layout"], t["parallel"]) for t in tried}]
+            runs += tried
+            trained = [r for r in runs if r["parallel"] == "fsdp" and r["ok"]]
+            best = max(trained, key=lambda r: r.get("parameters_estimated") or 0, default=None)
             write(out, "largest", {
                 "settings": {"steps": large_steps, "global_batch": large_batch, "seq_len": large_seq,
-                             "activation_checkpointing": True, "mixed_precision": "bf16 params, fp32 reductions",
+                             "activation_checkpointing": True,
+                             "mixed_precision": "blocks: bf16 params, fp32 reductions; fp32 root and residual",
                              "vocab": "the run's tokenizer (8192 BPE ids), not the paper's 100,288"},
-                "largest_trained_with_fsdp": largest[0] if largest else None, "runs": tried})
+                "largest_trained_with_fsdp": best["layout"] if best else None, "runs": runs})
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
