@@ -312,11 +312,12 @@ def estimated_parameters(config: ModelConfig) -> int:
     return config.n_layers * layer + embed + config.dim
 
 
-def validate_size(config: ModelConfig, *, training: bool = False, device: Any = None) -> None:
+def validate_size(config: ModelConfig, *, training: bool = False, device: Any = None, shards: int = 1) -> None:
     """Refuse a config whose fp32 parameters (with gradients and AdamW moments when ``training``) cannot fit
-    in memory, before anything is allocated; the error names the size."""
+    in memory, before anything is allocated; the error names the size. ``shards``: the processes that
+    FSDP2 splits the training state over (the whole model is still built on one device first)."""
     n = estimated_parameters(config)
-    need = n * 4 * (4 if training else 1)
+    need = n * 4 * (max(1.0, 4 / shards) if training else 1)
     have = _memory_bytes(device)
     if need > have:
         what = "parameters, gradients and AdamW moments" if training else "parameters"

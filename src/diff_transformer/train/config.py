@@ -46,7 +46,8 @@ class TrainConfig:
     keep_last: int = 2  # complete checkpoints kept; >= 2 so a corrupt newest one has a fallback
     seed: int = 0  # model init and data order; a DIFF model and its baseline share it
     dtype: Dtype = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile each block (in train/parallelize.py, before FSDP2 wraps it)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     log_every: int = 10  # steps between training-loss records in metrics.jsonl
     max_bad_steps: int = 5  # consecutive non-finite steps tolerated before `on_bad_steps`
     on_bad_steps: OnBadSteps = "rollback"  # reload the last good checkpoint, or stop
@@ -113,9 +114,11 @@ def _check_literals(obj: Any) -> None:
             raise ConfigError(f"train.{f.name}={getattr(obj, f.name)!r} is not one of {list(choices)}")
 
 
-# Keys that may change when a run is resumed: they do not change what is trained.
+# Keys that may change when a run is resumed: they do not change what is trained (grad_accum splits the
+# same global batch into other micro-batches: e.g. twice the accumulation on half the GPUs).
 RESUMABLE_CHANGES = frozenset(
     {"train.log_every", "train.ckpt_every", "train.keep_last", "train.compile", "train.parallel",
+     "train.activation_checkpointing", "train.grad_accum",
      "train.max_bad_steps", "train.on_bad_steps", "train.eval_every", "train.device"}
 )
 

@@ -3,7 +3,10 @@
 Launch with ``torchrun --nproc_per_node N -m diff_transformer.cli train ...``; the same command runs
 on one process without torchrun. Backends: nccl on CUDA, gloo on the CPU. The global batch is fixed
 by ``train.batch_size``: each rank takes ``batch_size / world_size`` rows of every step's batch, so
-the data order does not depend on the number of processes.
+the data order does not depend on the number of processes, and a checkpoint resumes on any number of
+them (rank ``r`` of ``W`` reads rows ``r·B/W .. (r+1)·B/W - 1`` of step ``s``'s batch, a pure function of
+(seed, ``s``)). Multi-node: ``torchrun --nnodes N --nproc_per_node G --rdzv-backend c10d --rdzv-endpoint
+HOST:PORT``.
 """
 
 from __future__ import annotations
@@ -98,8 +101,30 @@ def choose(mode: Parallel, info: DistInfo) -> str:
     return "ddp" if mode in ("auto", "none") else mode
 
 
-def parallelize(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
-    """Wrap ``model`` (already on ``info.device``) for ``mode``. FSDP2 shards in place and returns it."""
+def parallelize(model: nn.Module, mode: str, info: DistInfo, *, mixed_precision: bool = False,
+                activation_checkpointing: bool = False, compile: bool = False) -> nn.Module:
+    """Wrap ``model`` (already on ``info.device``) for ``mode``; returns the module the trainer calls.
+
+    Per block, in this order (torchtitan's): activation checkpointing (the block's activations are
+    recomputed in the backward pass), ``torch.compile`` (in place: parameter names do not change), then
+    under FSDP2 ``fully_shard`` (one all-gather / reduce-scatter unit per block), and last the root
+    (embedding, final norm and head). ``mixed_precision`` (FSDP2 only; the trainer sets it when it runs
+    under bf16 autocast, which it needs): the blocks' parameters are all-gathered and used in bf16,
+    gradients reduced in fp32, fp32 master weights and AdamW moments in the shards. DDP and one process
+    use fp32 parameters under the same autocast. FSDP2 shards in place and returns ``model``; DDP returns
+    its wrapper. The model itself knows nothing of any of this.
+    """
+    if mode not in ("none", "ddp", "fsdp"):
+        raise UserError(f"train.parallel={mode!r} is not one of ['auto', 'none', 'ddp', 'fsdp']")
+    for i, block in enumerate(model.layers):
+        if activation_checkpointing:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+            # Non-reentrant checkpointing; the wrapper's state-dict hooks keep the parameter names.
+            block = checkpoint_wrapper(block)
+        if compile:
+            block.compile()
+        model.layers[i] = block
     if mode == "none":
         return model
     if mode == "ddp":
@@ -107,14 +132,17 @@ def parallelize(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
 
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DDP(model, device_ids=ids)
-    if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        for block in model.layers:  # one communication unit per block, then the rest at the root
-            fully_shard(block)
-        fully_shard(model)
-        return model
-    raise UserError(f"train.parallel={mode!r} is not one of ['auto', 'none', 'ddp', 'fsdp']")
+    # Blocks: bf16 all-gathers (half the bytes), fp32 gradient reductions. Their inputs are not cast, so
+    # the residual stream stays fp32 as on one GPU under autocast (which runs the matmuls in bf16); the
+    # root (embedding, final norm, head) keeps fp32 parameters, also as on one GPU.
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+              if mixed_precision else MixedPrecisionPolicy())
+    for block in model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model)
+    return model
 
 
 @contextlib.contextmanager

