@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nucleus sampling: the smallest set of tokens with probability >= P, P in (0, 1] (default: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with the compiled static-cache step (CUDA graphs on cuda); the first run compiles")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="write a trained model as a Hugging Face transformers folder")
@@ -362,7 +364,7 @@ def cmd_generate(args) -> int:
     new: list[int] = []
     shown = ""
     for token in model.stream(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, eos_token_id=tokenizer.eos_id, generator=gen):
+                              top_p=args.top_p, eos_token_id=tokenizer.eos_id, generator=gen, compile=args.compile):
         tid = int(token[0])
         if tid == tokenizer.eos_id:
             break
