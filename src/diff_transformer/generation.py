@@ -109,7 +109,9 @@ def compiled_decoder(model, batch: int, min_len: int) -> tuple[Callable[[Tensor,
 
     The step is compiled once per model (and again per new shape); on CUDA with
     ``mode="reduce-overhead"``, i.e. CUDA graphs, so its logits are overwritten by the next step's:
-    read them before calling again (``stream`` samples from them at once).
+    read them before calling again (``stream`` samples from them at once). The cache is the model's
+    one compiled-path cache, reused by the next call of the same shape: one compiled stream per model
+    at a time (interleaving two ``stream(compile=True)`` generators of one model mixes their caches).
     """
     if model.config.attn_backend == "triton":
         raise ValueError("the compiled decode step attends through SDPA under a mask, which the Triton kernel does "
