@@ -103,7 +103,8 @@ def describe_model(model: ModelConfig) -> str:
 
 
 def default_jobs(run: RunConfig) -> int:
-    """Concurrent runs: two on a CPU with two cores or more, else one.
+    """The concurrent runs that suit ``run``'s device: two on a CPU with two cores or more, else one
+    (a suggestion: the CLI's default stays 1, which keeps the numbers of earlier compares).
 
     Measured on 2 CPU cores (tiny, 6 steps and an eval): one run with 2 intra-op threads used 2.2x the
     CPU time of one with 1 thread, for about the same wall time (the ops are too small to split well),
@@ -138,7 +139,7 @@ def compare(run: RunConfig, out, *, seeds: Sequence[int] = DEFAULT_SEEDS, varian
     ``variants=None`` trains the matched pair (``diff`` and ``baseline``, from ``run.model``); two names
     from ``diff_transformer.variants`` train those instead (each applied to ``run``), compared first
     minus second. ``n_parallel``: runs trained at once, in worker processes that split the CPU cores
-    (the CLI's default is :func:`default_jobs`); 1 trains them one after another in this process. The losses depend
+    (:func:`default_jobs` suggests a number); 1 trains them one after another in this process. The losses depend
     on the intra-op thread count in their last bits (fp32 reductions split differently), so a compare
     is repeatable for one ``n_parallel`` and core count."""
     from ..data import prepare_dataset
