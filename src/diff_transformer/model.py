@@ -97,26 +97,56 @@ class KVCache:
         d = config.head_dim
         self.max_len = max_len
         self.length = 0
-        self.k = [torch.empty(batch, k_heads, max_len, d, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        self.v = [torch.empty(batch, v_heads, max_len, v_dim, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        # Zeros, not empty: the static path (StaticSlots) attends over unwritten slots with weight 0, and
+        # 0 · NaN garbage would be NaN.
+        self.k = [torch.zeros(batch, k_heads, max_len, d, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(batch, v_heads, max_len, v_dim, dtype=dtype, device=device) for _ in range(config.n_layers)]
+
+    def _check_dtype(self, layer: int, k: Tensor) -> None:
+        if k.dtype != self.k[layer].dtype:  # storing would cast silently; the op would then refuse q and k
+            raise ValueError(f"KV cache holds {self.k[layer].dtype} but this forward makes {k.dtype} keys: build the "
+                             "cache with model.new_cache inside the same autocast region as the forward")
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store ``k``, ``v`` of the new positions; return every position's so far."""
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested. Allocate a longer cache.")
-        if k.dtype != self.k[layer].dtype:  # storing would cast silently; the op would then refuse q and k
-            raise ValueError(f"KV cache holds {self.k[layer].dtype} but this forward makes {k.dtype} keys: build the "
-                             "cache with model.new_cache inside the same autocast region as the forward")
+        self._check_dtype(layer, k)
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def at(self, positions: Tensor) -> StaticSlots:
+        """This cache seen with fixed shapes: writes land at ``positions`` (a device tensor), reads return
+        every slot (see :class:`StaticSlots`)."""
+        return StaticSlots(self, positions)
 
     def advance(self, n: int) -> None:
         self.length += n
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class StaticSlots:
+    """A :class:`KVCache` whose shapes never depend on the position (gpt-fast's static cache).
+
+    ``update`` writes the new keys and values at ``positions`` ((N,) int64 on the cache's device) in
+    place and returns all ``max_len`` slots; the forward masks the slots after each query's position
+    (see ``DiffTransformerLM.forward(positions=...)``). Every shape is then the same at every step, so
+    a decode step compiles once and replays as one CUDA graph. ``cache.length`` is left to the caller.
+    """
+
+    def __init__(self, cache: KVCache, positions: Tensor):
+        self.cache, self.positions = cache, positions
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        c = self.cache
+        c._check_dtype(layer, k)
+        c.k[layer].index_copy_(2, self.positions, k)  # (B, Hk, T, d)
+        c.v[layer].index_copy_(2, self.positions, v)  # (B, Hv, T, dv)
+        return c.k[layer], c.v[layer]
 
 
 def activation_dtype(weight: Tensor) -> torch.dtype:
@@ -157,7 +187,7 @@ class Attention(nn.Module):
         """Heads of the attention output (and of the op: ALiBi has one slope per output head)."""
         return config.n_heads
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None = None,
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | StaticSlots | None = None,
                 alibi: Tensor | None = None) -> Tensor:
         """x (B, N, D), rope = (cos, sin) each (N, d) for the new positions or None (ALiBi, NoPE),
         alibi (H_out, N, M) additive score bias or None -> (B, N, D)."""
@@ -410,7 +440,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None = None,
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | StaticSlots | None = None,
                 alibi: Tensor | None = None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, cache, alibi)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -464,23 +494,42 @@ class DiffTransformerLM(nn.Module):
                 p.copy_((torch.rand(p.shape, generator=gen, dtype=torch.float32) * 2 - 1) * value)
 
     # Forward -------------------------------------------------------------------------------
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        """input_ids (B, N) int64 -> logits (B, N, vocab) in the activations' dtype."""
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
+        """input_ids (B, N) int64 -> logits (B, N, vocab) in the activations' dtype.
+
+        ``positions`` (N,) int64 on the device, with a ``cache``: the static path of the compiled decode
+        step (generation.py). The new keys go to those slots, attention reads all ``cache.max_len``
+        slots with the later ones masked, and ``cache.length`` is not advanced: no shape and no Python
+        value depends on the position. Without it, the cache grows by N from ``cache.length``.
+        """
         n = input_ids.shape[1]
-        start = cache.length if cache is not None else 0
         cfg = self.config
         rope = alibi = None
-        if cfg.pos_encoding == "rope":
+        heads = ATTENTION_CLASSES[cfg.attention].out_heads(cfg)
+        if positions is not None:
+            if cache is None:
+                raise ValueError("positions= needs a cache (model.new_cache)")
+            k_pos = torch.arange(cache.max_len, device=input_ids.device)
+            dist = positions[:, None] - k_pos[None, :]  # (N, T): query position − key slot
+            hidden = torch.where(dist >= 0, 0.0, float("-inf"))  # (N, T): unwritten and future slots
+            if cfg.pos_encoding == "alibi":
+                slopes = torch.tensor(alibi_slopes(heads), dtype=torch.float32, device=input_ids.device)
+                alibi = -slopes[:, None, None] * dist.float()[None] + hidden  # (H_out, N, T), as alibi_bias
+            else:
+                alibi = hidden[None]  # (1, N, T)
+            cache = cache.at(positions)
+        else:
+            start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + n, device=input_ids.device)
+            if cfg.pos_encoding == "alibi":
+                slopes = torch.tensor(alibi_slopes(heads), dtype=torch.float32, device=input_ids.device)
+                alibi = alibi_bias(slopes, n, start + n)  # (H_out, N, M)
+        if cfg.pos_encoding == "rope":
             rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-        elif cfg.pos_encoding == "alibi":
-            heads = ATTENTION_CLASSES[cfg.attention].out_heads(cfg)
-            slopes = torch.tensor(alibi_slopes(heads), dtype=torch.float32, device=input_ids.device)
-            alibi = alibi_bias(slopes, n, start + n)  # (H_out, N, M)
         x = self.embed_tokens(input_ids)  # (B, N, D)
         for layer in self.layers:
             x = layer(x, rope, cache, alibi)
-        if cache is not None:
+        if isinstance(cache, KVCache):
             cache.advance(n)
         return self.lm_head(self.norm(x))
 
@@ -527,10 +576,14 @@ class DiffTransformerLM(nn.Module):
         top_p: float | None = None,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        compile: bool = False,
     ) -> Tensor:
-        """(B, N) prompt -> (B, N + new) tokens, decoding with the KV cache. temperature 0 is greedy."""
+        """(B, N) prompt -> (B, N + new) tokens, decoding with the KV cache. temperature 0 is greedy.
+
+        ``compile=True`` decodes with the compiled static-cache step (generation.py): the same tokens,
+        faster per token once compiled (CUDA graphs on CUDA); the first call pays the compilation."""
         new = list(self.stream(input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                               eos_token_id=eos_token_id, generator=generator))
+                               eos_token_id=eos_token_id, generator=generator, compile=compile))
         return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
 
     # Serialisation (this project's own format: config.json + model.safetensors) ------------

@@ -1,0 +1,166 @@
+"""Decoding tokens/s with the KV cache: eager vs compiled (static cache + CUDA graphs), DIFF vs baseline,
+and transformers' ``generate`` with its static cache beside.
+
+    python benchmarks/decode.py              # 542M shape, batch 1 and 32 -> results/decode-<gpu>.json
+    python benchmarks/decode.py --smoke      # tiny model, CPU or GPU: checks the script runs
+
+bf16 weights, greedy. Decode rate = B·(new − 1) / (t(generate new) − t(generate 1)): the prefill and the
+first token are subtracted, so it is the per-step rate. Each measurement is the median of ``--repeats``
+after one warm-up call (which compiles). "same_tokens" checks the compiled path's greedy tokens
+against the eager path's (bf16 on a GPU: a near-tie may flip a token; on the CPU test in fp32 they
+must be equal, tests/test_decode.py). HF rows: ``cache_implementation="static"``, eager, and with
+``model.forward`` compiled (``mode="reduce-overhead"``, transformers' documented recipe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from diff_transformer.config import ModelConfig, matched_pair, preset
+from diff_transformer.model import DiffTransformerLM
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Median seconds of fn() over ``repeats`` calls, after one warm-up call."""
+    fn()
+    ts = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def decode_rate(gen, prompt, new: int, device, repeats: int) -> dict:
+    """gen(prompt, n) -> tokens; the per-step decode rate from generating ``new`` and 1 token."""
+    t_new = timed(lambda: gen(prompt, new), device, repeats)
+    t_one = timed(lambda: gen(prompt, 1), device, repeats)
+    b = prompt.shape[0]
+    return {"tokens_per_s": b * (new - 1) / max(t_new - t_one, 1e-9), "generate_s": t_new, "prefill_s": t_one}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 32 (smoke: 1 2)")
+    ap.add_argument("--prompt", type=int, default=None, help="prompt length (default 512; smoke 8)")
+    ap.add_argument("--new", type=int, default=None, help="new tokens (default 128; smoke 6)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls per figure (default 3; smoke 1)")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        print("benchmarks/decode.py needs a CUDA GPU (or --smoke)", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if cuda else "cpu")
+    smoke = args.smoke
+    batches = args.batches or ([1, 2] if smoke else [1, 32])
+    plen = args.prompt or (8 if smoke else 512)
+    new = args.new or (6 if smoke else 128)
+    repeats = args.repeats or (1 if smoke else 3)
+    if smoke:
+        cfg = preset("tiny", vocab_size=512, max_seq_len=64)
+    else:  # the 542M shape of benchmarks/train_throughput.py
+        cfg = ModelConfig(dim=2048, n_layers=8, n_heads=16, ffn_dim=5632, vocab_size=32000, max_seq_len=4096)
+    dtype = torch.bfloat16 if cuda else torch.float32  # CPU smoke in fp32 (bf16 matmuls are slow there)
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    tag = gpu.split()[-1].lower() if cuda else "cpu"
+    out = args.out or (Path(tempfile.gettempdir()) / f"decode-{tag}-smoke.json" if smoke else RESULTS / f"decode-{tag}.json")
+    try:
+        import transformers
+        tf_version = transformers.__version__
+    except ImportError:
+        transformers, tf_version = None, None
+    res = {"gpu": gpu, "torch": torch.__version__, "transformers": tf_version, "python": platform.python_version(),
+           "dtype": str(dtype), "prompt": plen, "new_tokens": new, "repeats": repeats, "config": cfg.to_dict(),
+           "rows": {}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    diff_cfg, base_cfg = matched_pair(cfg)
+    for name, mcfg in (("baseline", base_cfg), ("diff", diff_cfg)):
+        torch.manual_seed(0)
+        model = DiffTransformerLM(mcfg).to(device=device, dtype=dtype).eval()
+        for b in batches:
+            prompt = torch.randint(0, cfg.vocab_size, (b, plen), device=device)
+            row = {}
+            for mode in ("eager", "compiled"):
+                gen = lambda p, n, c=mode == "compiled": model.generate(p, n, temperature=0, compile=c)  # noqa: E731
+                try:
+                    row[mode] = decode_rate(gen, prompt, new, device, repeats)
+                except Exception as e:  # noqa: BLE001 - out of memory or a compile failure: recorded
+                    row[mode] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            try:
+                row["same_tokens"] = bool(torch.equal(model.generate(prompt, new, temperature=0),
+                                                      model.generate(prompt, new, temperature=0, compile=True)))
+            except Exception as e:  # noqa: BLE001
+                row["same_tokens"] = f"{type(e).__name__}: {e}"[:300]
+            if "tokens_per_s" in row["eager"] and "tokens_per_s" in row["compiled"]:
+                row["compiled_over_eager"] = row["compiled"]["tokens_per_s"] / row["eager"]["tokens_per_s"]
+            res["rows"][f"{name}_b{b}"] = row
+            print(f"{name} b={b}: {json.dumps(row)}", flush=True)
+            out.write_text(json.dumps(res, indent=1))
+        del model
+        torch._dynamo.reset()
+        if cuda:
+            torch.cuda.empty_cache()
+    for b in batches:
+        r = res["rows"]
+        for mode in ("eager", "compiled"):
+            d, base = r[f"diff_b{b}"].get(mode, {}), r[f"baseline_b{b}"].get(mode, {})
+            if "tokens_per_s" in d and "tokens_per_s" in base:
+                res.setdefault("ratios", {})[f"diff_over_baseline_{mode}_b{b}"] = d["tokens_per_s"] / base["tokens_per_s"]
+
+    if transformers is not None and not args.no_hf:
+        from diff_transformer.hf import hf_config
+
+        for name, mcfg, cls in (("hf_llama", base_cfg, "LlamaForCausalLM"), ("hf_diffllama", diff_cfg, "DiffLlamaForCausalLM")):
+            torch.manual_seed(0)
+            hf = getattr(transformers, cls)._from_config(hf_config(mcfg), attn_implementation="sdpa")
+            hf = hf.to(device=device, dtype=dtype).eval()
+            hf.generation_config.cache_implementation = "static"
+            hf.generation_config.pad_token_id = 0
+            for mode in ("eager", "compiled"):
+                if mode == "compiled":
+                    hf.forward = torch.compile(hf.forward, mode="reduce-overhead" if cuda else None, fullgraph=True)
+                for b in batches:
+                    prompt = torch.randint(0, cfg.vocab_size, (b, plen), device=device)
+
+                    def gen(p, n):
+                        return hf.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=n, min_new_tokens=n,
+                                           do_sample=False)
+                    try:
+                        row = decode_rate(gen, prompt, new, device, repeats)
+                    except Exception as e:  # noqa: BLE001 - transformers' API or a compile failure: recorded
+                        row = {"error": f"{type(e).__name__}: {e}"[:300]}
+                    res["rows"][f"{name}_{mode}_b{b}"] = row
+                    print(f"{name} {mode} b={b}: {json.dumps(row)}", flush=True)
+                    out.write_text(json.dumps(res, indent=1))
+            del hf
+            torch._dynamo.reset()
+            if cuda:
+                torch.cuda.empty_cache()
+    out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
