@@ -64,27 +64,7 @@ def matched_models(model: ModelConfig) -> tuple[ModelConfig, ModelConfig]:
 
 
 def _check_out(out: Path, record: dict) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: choose a folder name")
-    if not out.exists() or not any(out.iterdir()):
-        return
-    path = out / COMPARE_FILE
-    if not path.is_file():
-        raise UserError(f"--out {out} is not empty and holds no {COMPARE_FILE}: choose a new or empty folder")
-    try:
-        existing = json.loads(path.read_text())
-    except ValueError:
-        raise UserError(f"{path} is not valid JSON: choose a new --out folder") from None
-    if (existing.get("run") != record["run"] or existing.get("seeds") != record["seeds"]
-            or existing.get("variants") != record.get("variants")):
-        a = RunConfig.from_dict(existing.get("run", {}), str(path)) if existing.get("run") else None
-        diffs = RunConfig.from_dict(record["run"]).differences(a) if a else ["run"]
-        if existing.get("seeds") != record["seeds"]:
-            diffs.append("seeds")
-        if existing.get("variants") != record.get("variants"):
-            diffs.append("variants")
-        raise UserError(f"--out {out} holds another compare (differs in {', '.join(diffs[:4])}): "
-                        "choose a new --out folder, or repeat that compare's settings to resume it")
+    rundir.check_record_folder(out, COMPARE_FILE, record, ("run", "seeds", "variants"), "compare")
 
 
 def describe_model(model: ModelConfig) -> str:

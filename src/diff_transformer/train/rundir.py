@@ -153,3 +153,32 @@ def read_metrics(run_dir) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def check_record_folder(out: Path, record_file: str, record: dict, keys: tuple[str, ...], what: str) -> None:
+    """Refuse ``out`` unless it is new, empty, or holds ``record_file`` equal to ``record`` on ``keys``
+    (the same ``what`` -- a compare, a sweep -- repeated to resume it). One UserError names the difference."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: choose a folder name")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    path = out / record_file
+    if not path.is_file():
+        raise UserError(f"--out {out} is not empty and holds no {record_file}: choose a new or empty folder")
+    try:
+        existing = json.loads(path.read_text())
+    except ValueError:
+        raise UserError(f"{path} is not valid JSON: choose a new --out folder") from None
+    if not isinstance(existing, dict):
+        raise UserError(f"{path} holds no {what} record: choose a new --out folder")
+    diffs = [k for k in keys if existing.get(k) != record.get(k)]
+    if not diffs:
+        return
+    if "run" in diffs and isinstance(existing.get("run"), dict):
+        try:  # name the changed fields rather than "run"
+            fields = RunConfig.from_dict(record["run"]).differences(RunConfig.from_dict(existing["run"], str(path)))
+        except UserError:
+            fields = []
+        diffs = (fields or ["run"]) + [d for d in diffs if d != "run"]
+    raise UserError(f"--out {out} holds another {what} (differs in {', '.join(diffs[:4])}): "
+                    f"choose a new --out folder, or repeat that {what}'s settings to resume it")

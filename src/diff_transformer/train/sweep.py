@@ -23,7 +23,6 @@ FLOPs / training seconds (same seed), None for runs whose curve ends before that
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -36,6 +35,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..variants import apply_variant, variant_names, variant_record
 from . import checkpoint as ckpt
+from . import rundir
 from .config import RunConfig
 from .results import SPEED_NOTE, loss_at, read_run
 from .stats import dumps, mean_std, paired_difference
@@ -92,28 +92,7 @@ def plan(run: RunConfig, out: Path, variants: Sequence[str], seeds: Sequence[int
 
 
 def _check_out(out: Path, record: dict) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: choose a folder name")
-    if not out.exists() or not any(out.iterdir()):
-        return
-    path = out / SWEEP_FILE
-    if not path.is_file():
-        raise UserError(f"--out {out} is not empty and holds no {SWEEP_FILE}: choose a new or empty folder")
-    try:
-        existing = json.loads(path.read_text())
-    except ValueError:
-        raise UserError(f"{path} is not valid JSON: choose a new --out folder") from None
-    keys = ("run", "variants", "seeds", "lrs", "overrides")
-    diffs = [k for k in keys if existing.get(k) != record[k]]
-    if diffs:
-        if "run" in diffs and isinstance(existing.get("run"), dict):
-            try:
-                other = RunConfig.from_dict(existing["run"], str(path))
-                diffs = RunConfig.from_dict(record["run"]).differences(other) + [d for d in diffs if d != "run"]
-            except UserError:
-                pass
-        raise UserError(f"--out {out} holds another sweep (differs in {', '.join(diffs[:4])}): "
-                        "choose a new --out folder, or repeat that sweep's settings to resume it")
+    rundir.check_record_folder(out, SWEEP_FILE, record, ("run", "variants", "seeds", "lrs", "overrides"), "sweep")
 
 
 def is_finished(job: Job) -> bool:
