@@ -2,8 +2,6 @@
 work counts against hand counts."""
 
 import importlib.util
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -12,24 +10,14 @@ import torch
 from diff_transformer import DiffTransformerLM, ModelConfig
 from diff_transformer.generation import _COMPILED
 
+from conftest import randomize_
+
 ATTENTIONS = ["diff", "diff_v2", "baseline"]
 
 
 def small_config(attention, **kw):
     base = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, max_seq_len=64, attention=attention)
     return ModelConfig(**{**base, **kw})
-
-
-def randomize_(model, seed=0):
-    """Move norms and λ vectors off their init so that the tests see them used."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            elif "lambda_q" in name or "lambda_k" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model
 
 
 # The static cache without compile ----------------------------------------------------------------

@@ -8,24 +8,14 @@ import torch
 from diff_transformer import PRESETS, ConfigError, DiffTransformerLM, ModelConfig, matched_pair, parameter_report, preset
 from diff_transformer.model import rope_cos_sin
 
+from conftest import randomize_
+
 ATTENTIONS = ["diff", "diff_v2", "baseline"]
 
 
 def small_config(attention, **kw):
     base = dict(vocab_size=97, dim=32, n_layers=3, n_heads=4, n_kv_heads=4, max_seq_len=64, attention=attention)
     return ModelConfig(**{**base, **kw})
-
-
-def randomize_(model, seed=0):
-    """Move every parameter off its init (norm weights of 1, λ near 0) so the tests see them used."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            elif "lambda_q" in name or "lambda_k" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model
 
 
 # --- SPEC.md, written out ---------------------------------------------------------------------

@@ -20,6 +20,8 @@ from diff_transformer.train.compare import default_run
 from diff_transformer.train.config import apply_overrides
 from diff_transformer.variants import VARIANTS, Scaled, apply_variant
 
+from conftest import randomize_
+
 KINDS = ["baseline", "diff", "diff_v2", "softmax_plus_one", "temperature", "sigmoid", "gated"]
 PAIRED = ("diff", "gated")  # DIFF V1's layout: h/2 output heads
 
@@ -27,21 +29,6 @@ PAIRED = ("diff", "gated")  # DIFF V1's layout: h/2 output heads
 def small_config(attention, **kw):
     base = dict(vocab_size=97, dim=64, n_layers=3, n_heads=8, n_kv_heads=8, max_seq_len=64, attention=attention)
     return ModelConfig(**{**base, **kw})
-
-
-def randomize_(model, seed=0):
-    """Move every non-matrix parameter off its init so the tests see it used."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            elif ".lambda_q" in name or ".lambda_k" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-            elif name.endswith((".tau", ".alpha", ".beta")):
-                p.copy_(0.8 + 0.5 * torch.randn(p.shape, generator=g) if not name.endswith("tau")
-                        else 0.4 * torch.randn(p.shape, generator=g))
-    return model
 
 
 # --- written-out references ---------------------------------------------------------------------
