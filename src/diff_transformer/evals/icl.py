@@ -230,21 +230,7 @@ def sample_demonstrations(pool: list[Example], k: int, *, sampling: str, rng: ra
         return rng.sample(pool, k)
     if sampling != "balanced":
         raise UserError(f"--opt sampling={sampling!r}: use balanced or random")
-    by_label: dict[str, list[Example]] = defaultdict(list)
-    for ex in pool:
-        by_label[ex[1]].append(ex)
-    labels = sorted(by_label)
-    rng.shuffle(labels)
-    for lab in labels:
-        rng.shuffle(by_label[lab])
-    out: list[Example] = []
-    depth = 0
-    while len(out) < k:
-        for lab in labels:
-            if depth < len(by_label[lab]) and len(out) < k:
-                out.append(by_label[lab][depth])
-        depth += 1
-    return out
+    return round_robin(pool, rng)[:k]
 
 
 def arrange(demos: list[Example], *, how: str, rng: random.Random) -> list[Example]:
@@ -255,15 +241,20 @@ def arrange(demos: list[Example], *, how: str, rng: random.Random) -> list[Examp
         return out
     if how != "alternate":
         raise UserError(f"--opt arrange={how!r}: use shuffle or alternate")
+    return round_robin(demos, rng)
+
+
+def round_robin(examples: list[Example], rng: random.Random) -> list[Example]:
+    """All of ``examples``, one of each label in turn (labels and each label's examples in a random order)."""
     by_label: dict[str, list[Example]] = defaultdict(list)
-    for ex in demos:
+    for ex in examples:
         by_label[ex[1]].append(ex)
     labels = sorted(by_label)
     rng.shuffle(labels)
     for lab in labels:
         rng.shuffle(by_label[lab])
-    out = []
-    for depth in range(max(len(v) for v in by_label.values()) if by_label else 0):
+    out: list[Example] = []
+    for depth in range(max((len(v) for v in by_label.values()), default=0)):
         out += [by_label[lab][depth] for lab in labels if depth < len(by_label[lab])]
     return out
 
