@@ -12,6 +12,10 @@
 #   variants34 every other named variant at the 34M shape, seeds 1 2 3                                   [not run yet]
 #   lr34       per-arm learning rates 7.5e-4 and 3e-3 for baseline, diff, diff-no-norm, diff-norm-matched  [not run yet]
 #   budget34   30M and 100M tokens for the same four arms, seed 1 (100M tokens is 14 epochs of library)  [not run yet]
+#   budget30 / budget100   one half of budget34 each (budget100's arms: ARMS100, default the four)
+#
+# GPU (default 0) is the GPU every stage uses, so two pipelines can share a two-GPU host, one a GPU.
+# EVAL_TIMEOUT (default 900 s) bounds one run's evaluation; a stopped one writes its finished tasks.
 #
 # Throughput seen on 2026-11-30: ten 34M-shape runs at once on one H200 trained ~0.48M tokens/s in all (about
 # what one run alone does), so a 10M-token run costs ~21 s of GPU time and concurrency buys nothing but
@@ -21,8 +25,11 @@ R=${R:-runs/h200}
 CACHE=$R/cache
 DT=(python -m diff_transformer.cli)
 GPU_JOBS=${GPU_JOBS:-5}
+GPU=${GPU:-0}
+EVAL_TIMEOUT=${EVAL_TIMEOUT:-900}
 export OMP_NUM_THREADS=1  # every training process single-threaded on the host
 mkdir -p "$R"
+LOG=${LOG:-$R/pipeline.log}  # two pipelines on one host: one log each
 # The 34M shape: preset small (8 layers, width 512, 8 heads of 64) at seq 512 with a 4096-token BPE (29.9M
 # parameters), batch 32 x 512, 10M tokens (610 steps), the paper's lr 1.5e-3, 100 warmup steps, cosine to
 # 0.1; the built-in `library` corpus (7.21M unique training tokens: 10M tokens is 1.39 epochs).
@@ -39,13 +46,13 @@ EVAL_TASKS=all; EVAL_OPTS=()
 [ -n "${ICL_DATA:-}" ] && { EVAL_TASKS+=,icl; EVAL_OPTS+=(dataset=$ICL_DATA format=trec n_test=100 orders=3); }
 [ -n "${ZS_DATA:-}" ] && { EVAL_TASKS+=,zero-shot; EVAL_OPTS+=(data_dir=$ZS_DATA limit=${ZS_LIMIT:-200}); }
 
-sweep() { "${DT[@]}" sweep --no-progress --data-cache "$CACHE" "$@" >> "$R/pipeline.log" 2>&1; }
-log() { echo "[$(date +%T)] $*" >> "$R/pipeline.log"; }
-evaluate() {  # every run folder under $1, three evaluations at a time on the GPU
+sweep() { "${DT[@]}" sweep --no-progress --data-cache "$CACHE" "$@" >> "$LOG" 2>&1; }
+log() { echo "[$(date +%T)] $*" >> "$LOG"; }
+evaluate() {  # every run folder under $1, EVAL_JOBS (default 3) evaluations at a time on the GPU
   for run in "$1"/*/seed_*; do
-    "${DT[@]}" eval "$run" --task "$EVAL_TASKS" ${EVAL_OPTS[@]/#/--opt } --device cuda --no-progress \
-      --data-cache "$CACHE" >> "$R/evals.log" 2>&1 &
-    while [ "$(jobs -rp | wc -l)" -ge 3 ]; do sleep 2; done
+    CUDA_VISIBLE_DEVICES=$GPU timeout -s TERM "$EVAL_TIMEOUT" "${DT[@]}" eval "$run" --task "$EVAL_TASKS" ${EVAL_OPTS[@]/#/--opt } --device cuda --no-progress \
+      --data-cache "$CACHE" >> "${LOG%.log}-evals.log" 2>&1 &
+    while [ "$(jobs -rp | wc -l)" -ge "${EVAL_JOBS:-3}" ]; do sleep 2; done
   done
   wait
 }
@@ -59,28 +66,34 @@ stage() {
                done ;;
     grid34) for init in hf official; do
               sweep --preset small --set "${S34[@]}" model.init=$init --variants $NORM_GRID --seeds 1 2 3 \
-                --jobs $GPU_JOBS --gpus 0 --out "$R/grid34-$init"
+                --jobs $GPU_JOBS --gpus $GPU --out "$R/grid34-$init"
             done ;;
-    retrieval) sweep --preset small --set "${S1K[@]}" --variants baseline,diff --seeds 1 2 3 --jobs 6 --gpus 0 \
+    retrieval) sweep --preset small --set "${S1K[@]}" --variants baseline,diff --seeds 1 2 3 --jobs 6 --gpus $GPU \
                  --out "$R/retrieval" ;;
     evals) evaluate "$R/retrieval" ;;
     retrieval-fair) sweep --preset small --set "${S1K[@]}" --variants baseline,diff-no-norm,diff-norm-matched \
-                      --seeds 1 2 3 --jobs 6 --gpus 0 --out "$R/retrieval-fair" && evaluate "$R/retrieval-fair" ;;
+                      --seeds 1 2 3 --jobs 6 --gpus $GPU --out "$R/retrieval-fair" && evaluate "$R/retrieval-fair" ;;
     variants34) sweep --preset small --set "${S34[@]}" --variants baseline,$OTHERS --seeds 1 2 3 --jobs $GPU_JOBS \
-                  --gpus 0 --out "$R/variants34" ;;
+                  --gpus $GPU --out "$R/variants34" ;;
     lr34) sweep --preset small --set "${S34[@]}" --variants $FOUR --lrs 7.5e-4 3e-3 --seeds 1 --jobs $GPU_JOBS \
-            --gpus 0 --out "$R/lr34" ;;
-    budget34) for tokens in 30000000 100000000; do
-                sweep --preset small --set "${S34[@]}" tokens=$tokens --variants $FOUR --seeds 1 --jobs 4 --gpus 0 \
-                  --out "$R/budget34-$tokens"
-              done ;;
+            --gpus $GPU --out "$R/lr34" ;;
+    budget34) stage budget30 && stage budget100 ;;
+    budget30) sweep --preset small --set "${S34[@]}" tokens=30000000 --variants $FOUR --seeds 1 --jobs 4 --gpus $GPU \
+                --out "$R/budget34-30000000" ;;
+    budget100) sweep --preset small --set "${S34[@]}" tokens=100000000 --variants "${ARMS100:-$FOUR}" --seeds 1 \
+                 --jobs 4 --gpus $GPU --out "$R/budget34-100000000" ;;
+      none) ;;
     *) echo "unknown stage $1" >&2; return 2 ;;
   esac
   log "$1 done"
 }
 
 # The prepared data once, so concurrent runs do not all wait on the cache lock.
-[ -d "$R/warmup" ] || sweep --preset small --set "${S34[@]}" tokens=16384 --variants baseline --seeds 0 --out "$R/warmup"
+# On the host CPU (one step each), so it can run while the GPUs do other work.
+[ -d "$R/warmup" ] || CUDA_VISIBLE_DEVICES= sweep --preset small --set "${S34[@]}" tokens=16384 train.device=cpu \
+  --variants baseline --seeds 0 --out "$R/warmup"
+[ -d "$R/warmup-1k" ] || CUDA_VISIBLE_DEVICES= sweep --preset small --set "${S1K[@]}" tokens=32768 train.device=cpu \
+  --variants baseline --seeds 0 --out "$R/warmup-1k"
 for s in "${@:-tiny-grid grid34 retrieval evals retrieval-fair variants34 lr34 budget34}"; do
   for one in $s; do stage "$one"; done
 done

@@ -483,3 +483,52 @@ def test_eval_compare_stopped_keeps_each_runs_finished_tasks(runs, monkeypatch, 
     assert strict_json(copies["diff"] / "evals" / "stop.json")["summary"] == {"x": 1.0}
     assert strict_json(copies["baseline"] / "evals" / "lambda.json")["lambda"] == "no λ"
     assert not (copies["baseline"] / "evals" / "stop.json").exists() and not (tmp_path / "cmp").exists()
+
+
+def test_eval_compare_reuse_reads_stored_results_without_checkpoints(runs, tmp_path, capsys):
+    """Runs evaluated elsewhere (their evals/ copied back, no checkpoints) are compared from their files;
+    a task missing from a folder is run; a stored file that is not a result is one error line."""
+    import shutil
+
+    stored = {}
+    for name in ("diff", "baseline"):
+        assert main(["eval", str(runs[name]), "--task", "perplexity,lambda", "--data-cache", str(runs["cache"]),
+                     *SMALL]) == 0
+        stored[name] = tmp_path / f"{name}-copy"
+        shutil.copytree(runs[name], stored[name], ignore=shutil.ignore_patterns("checkpoints"))
+    capsys.readouterr()
+    out = tmp_path / "cmp"
+    assert main(["eval-compare", str(stored["diff"]), str(stored["baseline"]), "--label", "D", "B", "--task",
+                 "perplexity,lambda", "--reuse", "--out", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("reused from") == 2
+    summary = strict_json(out / "evals.json")
+    want = strict_json(runs["diff"] / "evals" / "perplexity.json")["summary"]["val_loss"]
+    assert summary["table"]["perplexity"]["val_loss"]["D"]["mean"] == want
+    assert summary["groups"]["D"][0]["options"]["perplexity"] == strict_json(
+        runs["diff"] / "evals" / "perplexity.json")["meta"]["options"]
+    assert "options_differ" not in summary
+    # without --reuse the checkpoint-less copies cannot be evaluated: one line, nothing written
+    capsys.readouterr()
+    assert main(["eval-compare", str(stored["diff"]), "--task", "lambda", "--out", str(tmp_path / "no"),
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("error:") and not (tmp_path / "no").exists()
+    # a task not stored is run when the run has its checkpoint; options that differ are noted
+    partial = tmp_path / "partial"
+    shutil.copytree(runs["baseline"], partial)
+    (partial / "evals" / "lambda.json").unlink()
+    meta_changed = strict_json(partial / "evals" / "perplexity.json")
+    meta_changed["meta"]["options"] = {"batches": "7", "needles": "9"}  # needles: not a perplexity option
+    (partial / "evals" / "perplexity.json").write_text(json.dumps(meta_changed))
+    res = runner.evaluate_runs({"D": [stored["diff"]], "B": [partial]}, ["perplexity", "lambda"], reuse=True,
+                               out=tmp_path / "mixed", progress=False, echo=None)
+    assert (partial / "evals" / "lambda.json").is_file() and res["options_differ"] == ["perplexity"]
+    assert "different options" in (tmp_path / "mixed" / "evals.md").read_text()
+    # hostile stored files: not JSON, not an object, no summary of numbers
+    for body in ("{not json", "[1, 2]", '{"summary": {"val_loss": "low"}}', '{"summary": 3}'):
+        (partial / "evals" / "perplexity.json").write_text(body)
+        capsys.readouterr()
+        assert main(["eval-compare", str(partial), "--task", "perplexity", "--reuse", "--out",
+                     str(tmp_path / "hostile"), "--no-progress"]) == 2, body
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "perplexity.json" in err[0] and "without --reuse" in err[0], (body, err)
+        assert not (tmp_path / "hostile").exists()

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run/checkpoint/model folders; join several seeds of one model with commas (A1,A2 B1,B2)")
     p.add_argument("--label", nargs="+", default=None, help="one name per RUN group (default: the attention kind)")
     p.add_argument("--out", type=Path, required=True, help="folder for evals.md, evals.json and the plots")
+    p.add_argument("--reuse", action="store_true",
+                   help="read a task's result a run already holds in its evals/ (e.g. evaluated on another "
+                        "machine) instead of running it again; runs holding every task need no checkpoint")
     _add_eval_args(p)
     p.set_defaults(func=cmd_eval_compare)
 
@@ -297,7 +300,8 @@ def cmd_eval_compare(args) -> int:
         raise UserError(f"two groups share the label {labels}: name them with --label")
     with _warnings_to_stderr():
         evaluate_runs(dict(zip(labels, groups_paths)), args.task, out=args.out, device=args.device,
-                      data_cache=args.data_cache, options=options, seed=args.seed, progress=not args.no_progress)
+                      data_cache=args.data_cache, options=options, seed=args.seed, progress=not args.no_progress,
+                      reuse=args.reuse)
     print(f"wrote {args.out / 'evals.md'}, {args.out / 'evals.json'} and the plots")
     return 0
 

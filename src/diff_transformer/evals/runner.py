@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import math
 import os
 import signal
@@ -336,15 +337,58 @@ def table_markdown(table: dict, labels: list[str], n_runs: dict[str, int]) -> st
     return "\n".join(lines) + "\n"
 
 
+MAX_RESULT_BYTES = 64 << 20  # one task's stored result (the largest, needle's samples, is well under 1 MiB)
+
+
+def stored_results(path: Path, tasks: Sequence[Task]) -> dict[str, dict]:
+    """The results of ``tasks`` already in ``path``'s ``evals/`` folder (as ``eval --task`` wrote them),
+    for ``eval-compare --reuse``. A task without a file is left out (it will be run); a file that is not
+    a result (too large, not JSON, not an object with a ``summary`` object of numbers) is refused."""
+    path = Path(path)
+    run_dir = find_run_dir(path, path)
+    folder = (run_dir or path) / "evals"
+    found: dict[str, dict] = {}
+    for task in tasks:
+        file = folder / f"{task.name}.json"
+        if not file.is_file():
+            continue
+        fix = f"delete it to evaluate {task.name} again, or run without --reuse"
+        if file.stat().st_size > MAX_RESULT_BYTES:
+            raise UserError(f"{file} is {file.stat().st_size:,} bytes, more than an evaluation result can be: {fix}")
+        try:
+            result = json.loads(file.read_bytes())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{file} is not valid JSON ({e}): {fix}") from None
+        summary = result.get("summary") if isinstance(result, dict) else None
+        if not isinstance(summary, dict) or not all(
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in summary.values()):
+            raise UserError(f"{file} is not an evaluation result (no 'summary' object of numbers): {fix}")
+        found[task.name] = result
+    return found
+
+
+def _own_options(task: Task, result: dict) -> str:
+    """The options a stored result was made with that concern its task (meta keeps every --opt given)."""
+    options = (result.get("meta") or {}).get("options")
+    options = options if isinstance(options, dict) else {}
+    own = options if task.options is None else {k: v for k, v in options.items() if k in task.options}
+    return json.dumps(own, sort_keys=True)
+
+
 def evaluate_runs(groups: dict[str, list[Path]], tasks, *, out: Path | None = None, device: str = "cpu",
                   data_cache=None, options: dict[str, str] | None = None, seed: int = 0, progress: bool = True,
-                  write_runs: bool = True, echo=print) -> dict:
+                  write_runs: bool = True, reuse: bool = False, echo=print) -> dict:
     """Evaluate groups of runs (``{"DIFF": [seed1_dir, seed2_dir], "baseline": [...]}``) side by side.
 
     Each run gets its own ``evals/`` (unless ``write_runs=False``); ``out`` (if given) gets
     ``evals.md`` (the table: per metric, mean ± sample std over a group's runs), ``evals.json``
     (the table with every run's value, and each run's summaries) and ``<task>.png`` with every
     model. Returns the evals.json content. ``tasks``: names, "all", or Task objects.
+
+    ``reuse``: a task whose result a run already holds in its ``evals/`` (from ``eval --task``, e.g.
+    on another machine) is read, not run again; a run holding every task needs no checkpoint. The
+    options each stored result was made with are in its ``meta``; the table notes tasks whose runs
+    were made with different options.
     """
     tasks = select_tasks(tasks) if isinstance(tasks, str) or (tasks and isinstance(tasks[0], str)) else list(tasks)
     options = dict(options or {})
@@ -359,23 +403,30 @@ def evaluate_runs(groups: dict[str, list[Path]], tasks, *, out: Path | None = No
         if not os.access(probe, os.W_OK):
             raise UserError(f"--out {out} is not writable")
     per_group: dict[str, list[dict[str, dict]]] = {}
-    contexts: dict[str, list[tuple[Path, EvalContext]]] = {}
+    paths: dict[str, list[Path]] = {}
     started: list[tuple[Path, dict[str, dict], str]] = []  # (evals folder, results so far, label) per run
     with _keep_finished_if_stopped(started):
         for label, runs in groups.items():
             for path in runs:
                 if echo:
                     echo(f"[{label}] {path}")
-                ctx = build_context(path, tasks=tasks, device=device, data_cache=data_cache, options=options,
-                                    seed=seed, progress=progress)
+                stored = stored_results(path, tasks) if reuse else {}
+                if echo and stored:
+                    echo(f"reused from {path}: {', '.join(stored)}")
+                todo = [t for t in tasks if t.name not in stored]
                 results: dict[str, dict] = {}
-                if write_runs:
-                    started.append((output_folder(ctx.run_dir, ctx.model_dir), results, label))
-                per_group.setdefault(label, []).append(run_tasks(ctx, tasks, echo, into=results))
-                contexts.setdefault(label, []).append((Path(path), ctx))
-                ctx.model = None  # keep one model in memory at a time
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                if todo:
+                    ctx = build_context(path, tasks=todo, device=device, data_cache=data_cache, options=options,
+                                        seed=seed, progress=progress)
+                    if write_runs:
+                        started.append((output_folder(ctx.run_dir, ctx.model_dir), results, label))
+                    run_tasks(ctx, todo, echo, into=results)
+                    ctx.model = None  # keep one model in memory at a time
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                per_group.setdefault(label, []).append({t.name: stored.get(t.name) or results[t.name]
+                                                        for t in tasks})
+                paths.setdefault(label, []).append(Path(path))
         for evals, results, label in started:
             write_results(evals, results, label)
         labels = list(groups)
@@ -384,10 +435,17 @@ def evaluate_runs(groups: dict[str, list[Path]], tasks, *, out: Path | None = No
         md = table_markdown(table, labels, n_runs)
         summary = {
             "tasks": [t.name for t in tasks], "options": options, "seed": seed,
-            "groups": {lb: [{"path": str(p), "summaries": {t: r[t].get("summary") for t in r}}
-                            for (p, _), r in zip(contexts[lb], per_group[lb])] for lb in labels},
+            "groups": {lb: [{"path": str(p), "summaries": {t: r[t].get("summary") for t in r},
+                             "options": {t: (r[t].get("meta") or {}).get("options") for t in r}}
+                            for p, r in zip(paths[lb], per_group[lb])] for lb in labels},
             "table": table,
         }
+        mixed = [t.name for t in tasks if len({_own_options(t, r[t.name]) for runs in per_group.values()
+                                                  for r in runs}) > 1]
+        if mixed:
+            summary["options_differ"] = mixed
+            md += (f"\nnote: the runs' results of {', '.join(mixed)} were made with different options "
+                   "(each run's are in evals.json)\n")
         if echo:
             echo(md.rstrip())
         if out is not None:
