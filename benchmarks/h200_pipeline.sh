@@ -6,15 +6,16 @@
 # Stages, in priority order (all of them without arguments):
 #   tiny-grid  norm x init x attention grid at `tiny` on the host CPU (compare's budget), seeds 1 2 3   [ran 2026-11-30]
 #   grid34     the same grid at the 34M shape, 10M tokens, hf and official init, seeds 1 2 3           [ran 2026-11-30]
-#   retrieval  the paper's DIFF and its baseline at seq 1024, 10M tokens, data.mix=needle:0.1, seeds 1 2 3 [ran 2026-11-30]
-#   evals      every evaluation task on the retrieval runs (icl with ICL_DATA, zero-shot with ZS_DATA)   [partly: see docs/results.md]
+#   retrieval  the paper's DIFF and its baseline at seq 1024, 10M tokens, data.mix=needle:0.1, seeds 1 2 3 [ran 2026-11-30, twice]
+#   evals      every evaluation task on the retrieval runs (icl with ICL_DATA, zero-shot with ZS_DATA)   [ran 2026-11-30: docs/results.md]
 #   retrieval-fair  the same for the arms the ablations favour (diff-no-norm, diff-norm-matched), then evals  [not run yet]
 #   variants34 every other named variant at the 34M shape, seeds 1 2 3                                   [not run yet]
 #   lr34       per-arm learning rates 7.5e-4 and 3e-3 for baseline, diff, diff-no-norm, diff-norm-matched  [not run yet]
 #   budget34   30M and 100M tokens for the same four arms, seed 1 (100M tokens is 14 epochs of library)  [not run yet]
 #   budget30 / budget100   one half of budget34 each (budget100's arms: ARMS100, default the four)
 #
-# GPU (default 0) is the GPU every stage uses, so two pipelines can share a two-GPU host, one a GPU.
+# GPU (default 0): the GPU(s) every stage uses, e.g. GPU=0,1 to deal one stage's runs over two GPUs
+# (sweep --gpus 0,1), or GPU=1 for a second pipeline beside one on GPU 0.
 # EVAL_TIMEOUT (default 900 s) bounds one run's evaluation; a stopped one writes its finished tasks.
 #
 # Throughput seen on 2026-11-30: ten 34M-shape runs at once on one H200 trained ~0.48M tokens/s in all (about
@@ -48,9 +49,10 @@ EVAL_TASKS=all; EVAL_OPTS=()
 
 sweep() { "${DT[@]}" sweep --no-progress --data-cache "$CACHE" "$@" >> "$LOG" 2>&1; }
 log() { echo "[$(date +%T)] $*" >> "$LOG"; }
-evaluate() {  # every run folder under $1, EVAL_JOBS (default 3) evaluations at a time on the GPU
+evaluate() {  # every run folder under $1, EVAL_JOBS (default 3) evaluations at a time, dealt over the GPUs
+  local gpus=(${GPU//,/ }) i=0
   for run in "$1"/*/seed_*; do
-    CUDA_VISIBLE_DEVICES=$GPU timeout -s TERM "$EVAL_TIMEOUT" "${DT[@]}" eval "$run" --task "$EVAL_TASKS" ${EVAL_OPTS[@]/#/--opt } --device cuda --no-progress \
+    CUDA_VISIBLE_DEVICES=${gpus[$((i++ % ${#gpus[@]}))]} timeout -s TERM "$EVAL_TIMEOUT" "${DT[@]}" eval "$run" --task "$EVAL_TASKS" ${EVAL_OPTS[@]/#/--opt } --device cuda --no-progress \
       --data-cache "$CACHE" >> "${LOG%.log}-evals.log" 2>&1 &
     while [ "$(jobs -rp | wc -l)" -ge "${EVAL_JOBS:-3}" ]; do sleep 2; done
   done
