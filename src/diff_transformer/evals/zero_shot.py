@@ -273,6 +273,9 @@ def _evaluate(lm, model_args: dict | None, tasks: list, limit: int | None, batch
         stack.enter_context(mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", no_git))
         stack.enter_context(mock.patch.object(lm_eval.loggers.utils, "get_git_commit_hash", no_git))
         stack.enter_context(_quiet_logger("lm_eval"))
+        # transformers warns of "indexing errors" for a context longer than the model; lm-eval keeps its
+        # last max_length tokens before the model sees it, so the warning is wrong here.
+        stack.enter_context(_quiet_logger("transformers.tokenization_utils_base"))
         if not progress:
             stack.enter_context(_no_bars(model_args is not None))
         out = simple_evaluate(**kwargs)
