@@ -231,9 +231,11 @@ def _silenced(bar):
 
 @contextlib.contextmanager
 def _no_bars(hf: bool):
-    """No progress bars from lm-eval (request building and scoring) and, on the hf path, transformers."""
+    """No progress bars from lm-eval (request building and scoring), datasets (its ``map`` while lm-eval
+    prepares a task) and, on the hf path, transformers."""
     from unittest import mock
 
+    import datasets
     import lm_eval.api.model
     import lm_eval.api.task
 
@@ -245,6 +247,8 @@ def _no_bars(hf: bool):
         modules.append(lm_eval.models.huggingface)
         was_on = tf_logging.is_progress_bar_enabled()
         tf_logging.disable_progress_bar()
+    ds_was_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
     with contextlib.ExitStack() as stack:
         for mod in modules:
             stack.enter_context(mock.patch.object(mod, "tqdm", _silenced(mod.tqdm)))
@@ -253,6 +257,8 @@ def _no_bars(hf: bool):
         finally:
             if hf and was_on:
                 tf_logging.enable_progress_bar()
+            if ds_was_on:
+                datasets.enable_progress_bars()
 
 
 def _evaluate(lm, model_args: dict | None, tasks: list, limit: int | None, batch_size: int, device: str,
