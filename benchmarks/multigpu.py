@@ -62,6 +62,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--skip", type=int, default=20, help="warm-up steps left out of tokens/s")
     p.add_argument("--compile", action="store_true", help="train.compile=true (torch.compile per block)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="trace N steps of each scaling run (train.profile_steps; steps 6 to 5+N, inside the "
+                        "--skip warm-up, so tokens/s are unaffected) and add rank 0's top operators to the JSON")
     p.add_argument("--layouts", default="paper-1.4b,paper-2.8b,paper-6.8b",
                    help="presets tried in order by --part largest")
     p.add_argument("--large-steps", type=int, default=8)
@@ -122,8 +125,20 @@ def train(config: Path, out: Path, procs: int, sets: list[str], cache: Path, tim
     saves = SAVED.findall(err)
     oom = "out of memory" in err.lower() or "OutOfMemoryError" in err
     return {"returncode": code, "wall_seconds": wall, "metrics": metrics, "gpu_peak_used_mib": gpus.peak,
+            "profile": _profile(out),
             "checkpoint": {"tensors": saves[-1][0], "seconds": float(saves[-1][1])} if saves else None,
             "out_of_memory": oom, "errors": None if code == 0 else _error_lines(err)}
+
+
+def _profile(run_dir: Path, top: int = 15) -> dict | None:
+    """Rank 0's profile of the run (``--profile``): its time a step and the operators with the most
+    self device time (train/profiling.py writes them)."""
+    path = run_dir / "profile" / "rank0.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return {"clock": data["clock"], "steps": data["steps"], "self_ms_per_step": data["self_us_per_step"] / 1e3,
+            "top": [{"op": r["op"], "calls": r["calls"], "self_ms": r["self_us"] / 1e3} for r in data["top"][:top]]}
 
 
 def _error_lines(err: str) -> list[str]:
@@ -147,7 +162,7 @@ def summary(run: dict, skip: int) -> dict:
             "gpu_peak_used_mib": run["gpu_peak_used_mib"], "final_val_loss": evals[-1]["val_loss"] if evals else None,
             "loss_curve": [[r["step"], r["loss"]] for r in train], "checkpoint_save": run["checkpoint"],
             "out_of_memory": run["out_of_memory"], "wall_seconds": run["wall_seconds"],
-            "errors": run["errors"]}
+            "errors": run["errors"], **({"profile": run["profile"]} if run.get("profile") else {})}
 
 
 def curve_difference(a: list, b: list) -> dict | None:
@@ -200,6 +215,10 @@ def main() -> int:
         steps, batch, seq, skip, eval_batches = args.steps, args.batch_size, args.seq_len, args.skip, 10
         data = DataConfig(source=source, tokenizer="bpe", vocab_size=8192)
         layouts, large = [(n, preset(n)) for n in args.layouts.split(",")], (args.large_steps, args.large_batch, 2048)
+    if args.profile and not args.smoke and 5 + args.profile > skip:
+        print(f"error: --profile {args.profile} traces steps 6 to {5 + args.profile}, past --skip {skip}: the traced "
+              f"steps would count in tokens/s; lower --profile or raise --skip", file=sys.stderr)
+        return 2
     write(out, "machine", {
         "device": torch.cuda.get_device_name(0) if gpus else platform.processor() or "cpu", "gpus": gpus,
         "torch": torch.__version__, "cuda": torch.version.cuda, "smoke": args.smoke, "python": platform.python_version()})
@@ -213,7 +232,7 @@ def main() -> int:
         if args.part in ("scaling", "all"):
             train_cfg = TrainConfig(batch_size=batch, seq_len=seq, steps=steps, warmup_steps=max(1, steps // 10),
                                     eval_every=0, eval_batches=eval_batches, ckpt_every=0, log_every=1,
-                                    compile=args.compile, seed=0, device=device)
+                                    compile=args.compile, profile_steps=args.profile, seed=0, device=device)
             results, speedups, curves = {}, {}, {}
             for name, model in zip(("diff", "baseline"), matched_pair(base)):
                 cfg = config(name, model, train_cfg)

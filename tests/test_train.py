@@ -378,3 +378,30 @@ def test_compare_two_named_variants(tmp_path, corpus, cache, capsys):
     assert "compared: DIFF V1 with the paper's per-head norm at gain 1" in out and "vs DIFF V1 with no per-head norm" in out
     assert summary["gap"]["n"] == 1 and summary["gap"]["ci_low"] is None  # one seed: no interval
     assert "val loss diff − diff-no-norm" in out
+
+
+# Profiling --------------------------------------------------------------------------------------
+def test_profile_steps_writes_trace_and_table_without_changing_training(corpus, cache, tmp_path):
+    plain = run_training(small_run(corpus), tmp_path / "plain", data_cache=cache, progress=False, log=quiet)
+    lines = []
+    traced = run_training(small_run(corpus, profile_steps=2), tmp_path / "traced", data_cache=cache,
+                          progress=False, log=lines.append)
+    assert losses(traced.metrics) == losses(plain.metrics)  # the trace observes; it changes nothing
+    folder = tmp_path / "traced" / "profile"
+    assert any("profile of 2 steps written to" in line for line in lines)
+    summary = json.loads((folder / "rank0.json").read_text())
+    assert summary["steps"] == 2 and summary["clock"] == "CPU" and summary["self_us_total"] > 0
+    ops = [row["op"] for row in summary["top"]]
+    assert any(op.startswith("aten::") for op in ops) and len(ops) <= 40
+    assert "self CPU time by operator" in (folder / "rank0.txt").read_text()
+    trace = json.loads((folder / "rank0.trace.json").read_text())
+    assert trace["traceEvents"]
+    assert not (tmp_path / "plain" / "profile").exists()
+    # a session too short for the window says so and writes nothing
+    lines.clear()
+    run_training(small_run(corpus, steps=4, profile_steps=2), tmp_path / "short", data_cache=cache,
+                 progress=False, log=lines.append)
+    assert any("no profile will be written" in line for line in lines)
+    assert not (tmp_path / "short" / "profile").exists()
+    with pytest.raises(ConfigError, match="train.profile_steps"):
+        TrainConfig(profile_steps=-1)

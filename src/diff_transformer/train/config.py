@@ -49,6 +49,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block (in train/parallelize.py, before FSDP2 wraps it)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     log_every: int = 10  # steps between training-loss records in metrics.jsonl
+    profile_steps: int = 0  # > 0: trace that many steps with torch.profiler into RUN/profile/ (train/profiling.py)
     max_bad_steps: int = 5  # consecutive non-finite steps tolerated before `on_bad_steps`
     on_bad_steps: OnBadSteps = "rollback"  # reload the last good checkpoint, or stop
     parallel: Parallel = "auto"  # under torchrun: auto = ddp; fsdp shards parameters (FSDP2)
@@ -64,7 +65,7 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last", "log_every", "max_bad_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("eval_every", "ckpt_every", "warmup_steps"):
+        for name in ("eval_every", "ckpt_every", "warmup_steps", "profile_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.tokens is not None:
@@ -117,7 +118,7 @@ def _check_literals(obj: Any) -> None:
 # Keys that may change when a run is resumed: they do not change what is trained (grad_accum splits the
 # same global batch into other micro-batches: e.g. twice the accumulation on half the GPUs).
 RESUMABLE_CHANGES = frozenset(
-    {"train.log_every", "train.ckpt_every", "train.keep_last", "train.compile", "train.parallel",
+    {"train.log_every", "train.ckpt_every", "train.keep_last", "train.compile", "train.parallel", "train.profile_steps",
      "train.activation_checkpointing", "train.grad_accum",
      "train.max_bad_steps", "train.on_bad_steps", "train.eval_every", "train.device"}
 )

@@ -45,7 +45,7 @@ from ..config import validate_size
 from ..model import DiffTransformerLM
 from ..serialization import WEIGHTS_NAME, load_config, load_state
 from . import checkpoint as ckpt
-from . import rundir
+from . import profiling, rundir
 from .config import RunConfig
 from .evaluate import validation_loss
 from .optim import build_optimizer, lr_at, set_lr
@@ -491,7 +491,14 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                        desc=f"{self.run.model.attention} seed {cfg.seed}", file=sys.stderr)
+        profile = contextlib.ExitStack()
         try:
+            prof = profile.enter_context(profiling.profiler(cfg.profile_steps, self.run_dir / "profile",
+                                                            self.dist.rank, self.device, self.log))
+            if cfg.profile_steps and self.total_steps - self.step < profiling.steps_needed(cfg.profile_steps):
+                self.log(f"warning: train.profile_steps={cfg.profile_steps} needs "
+                         f"{profiling.steps_needed(cfg.profile_steps)} steps in this session, and "
+                         f"{self.total_steps - self.step} are left: no profile will be written")
             if self.step == 0:
                 self.record(self.evaluate())
                 self._check_val_loss()
@@ -516,6 +523,7 @@ class Trainer:
                 self._step_times.append(step_time)
                 self._session_tokens += cfg.tokens_per_step
                 self.step += 1
+                prof.step()
                 tok_s = self._session_tokens / max(self._train_time, 1e-9)
                 if not finite:
                     self.bad_total += 1
@@ -555,6 +563,7 @@ class Trainer:
                     path = self.save()
                     raise Preempted(self.step, path, self._stop_signal)
         finally:
+            profile.close()
             if bar is not None:
                 bar.close()
             if previous is not None:
