@@ -532,3 +532,10 @@ def test_eval_compare_reuse_reads_stored_results_without_checkpoints(runs, tmp_p
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "perplexity.json" in err[0] and "without --reuse" in err[0], (body, err)
         assert not (tmp_path / "hostile").exists()
+    # a link out of the folder is not followed
+    (partial / "evals" / "perplexity.json").unlink()
+    (partial / "evals" / "perplexity.json").symlink_to(stored["diff"] / "evals" / "perplexity.json")
+    capsys.readouterr()
+    assert main(["eval-compare", str(partial), "--task", "perplexity", "--reuse", "--out", str(tmp_path / "hostile"),
+                 "--no-progress"]) == 2
+    assert "is a link" in capsys.readouterr().err and not (tmp_path / "hostile").exists()

@@ -353,6 +353,8 @@ def stored_results(path: Path, tasks: Sequence[Task]) -> dict[str, dict]:
         if not file.is_file():
             continue
         fix = f"delete it to evaluate {task.name} again, or run without --reuse"
+        if file.is_symlink() or file.resolve().parent != folder.resolve():
+            raise UserError(f"{file} is a link (results are read only from files inside the run's evals/): {fix}")
         if file.stat().st_size > MAX_RESULT_BYTES:
             raise UserError(f"{file} is {file.stat().st_size:,} bytes, more than an evaluation result can be: {fix}")
         try:
