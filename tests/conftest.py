@@ -30,3 +30,24 @@ def randomize_(model, seed=0):
                 p.copy_(0.8 + 0.5 * torch.randn(p.shape, generator=g) if not name.endswith("tau")
                         else 0.4 * torch.randn(p.shape, generator=g))
     return model
+
+
+def snapshot(folder: Path, dirs: bool = False) -> dict:
+    """SHA-256 of every file under ``folder`` by relative path ({} if it is missing); ``dirs``: folders too,
+    as "dir", so a stray empty folder shows."""
+    import hashlib
+
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*")) if dirs or p.is_file()}
+
+
+def strict_json(path: Path):
+    """``path`` parsed as strict JSON: a bare NaN or Infinity fails the test."""
+    import json
+
+    def refuse(name):
+        raise AssertionError(f"{path} holds a bare {name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)

@@ -11,10 +11,8 @@ stderr's last lines, whether the mutated folder stayed byte-identical, and the s
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
-import os
 import random
 import shutil
 import signal
@@ -26,6 +24,8 @@ from pathlib import Path
 from diff_transformer.cli import main
 from diff_transformer.train import checkpoint as ckpt
 
+from conftest import snapshot  # tests/ is this script's folder, so on sys.path
+
 TINY = ["model.dim=64", "model.n_layers=2", "data.tokenizer=byte", "batch_size=4", "seq_len=16",
         "eval_every=3", "eval_batches=2", "ckpt_every=3", "log_every=1", "warmup_steps=2"]
 WRONG_VALUES = ["x", "", -1, 0, 2.5, 10**12, 10**30, -(10**30), 1e308, None, True, [], [1, "a"], {}, {"a": 1},
@@ -34,11 +34,6 @@ WRONG_VALUES = ["x", "", -1, 0, 2.5, 10**12, 10**30, -(10**30), 1e308, None, Tru
 
 class Hang(BaseException):  # not caught by the code under test
     pass
-
-
-def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
-            for p in sorted(folder.rglob("*"))}
 
 
 def mutate_json(data, rng: random.Random):
@@ -155,7 +150,7 @@ def one_case(root: Path, work: Path, rng: random.Random) -> dict:
             what += ", rehashed"
         watched = cache
         argv = [a if a != str(root / "cache") else str(cache) for a in train] + ["steps=1", "--out", str(work / "out")]
-    before = snapshot(watched)
+    before = snapshot(watched, dirs=True)
     err, out = io.StringIO(), io.StringIO()
     t0 = time.monotonic()
     signal.alarm(60)
@@ -171,7 +166,7 @@ def one_case(root: Path, work: Path, rng: random.Random) -> dict:
         signal.alarm(0)
     return {"loader": argv[0], "kind": kind, "mutation": what, "code": code, "stderr": err.getvalue()[-3000:],
             "stdout": out.getvalue()[-500:],
-            "unchanged": snapshot(watched) == before, "seconds": round(time.monotonic() - t0, 2)}
+            "unchanged": snapshot(watched, dirs=True) == before, "seconds": round(time.monotonic() - t0, 2)}
 
 
 def on_alarm(signum, frame):

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +14,7 @@ from diff_transformer.cli import main
 from diff_transformer.train import checkpoint as ckpt
 from diff_transformer.train import rundir
 
-from conftest import write_corpus
+from conftest import snapshot, write_corpus
 
 TINY = ["model.dim=64", "model.n_layers=2", "data.tokenizer=byte", "batch_size=8", "seq_len=32",
         "eval_every=3", "eval_batches=2", "ckpt_every=3", "log_every=1", "warmup_steps=2"]
@@ -33,13 +30,6 @@ def env(tmp_path_factory):
     run = root / "run"
     assert main(["train", *args, "steps=6", "--out", str(run)]) == 0
     return {"root": root, "corpus": corpus, "cache": cache, "args": args, "run": run}
-
-
-def snapshot(folder: Path) -> dict:
-    if not folder.exists():
-        return {}
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_train_eval_generate(env, capsys):

@@ -24,7 +24,7 @@ from diff_transformer.errors import UserError
 from diff_transformer.train.config import RunConfig, TrainConfig
 from diff_transformer.train.trainer import Preempted, Trainer, run_training
 
-from conftest import write_corpus
+from conftest import snapshot, write_corpus
 
 NEEDLE = re.compile(r"The special magic number for ([A-Z][\w ]*?) is: (\d{7})\.")
 QA = re.compile(r"\nWhat is the special magic number for ([A-Z][\w ]*?)\? The special magic number for \1 is: (\d{7})")
@@ -273,13 +273,6 @@ def test_mixed_run_resumes_bitwise_and_records_the_mix(tmp_path, corpus, monkeyp
     assert json.loads((tmp_path / "cut" / "run.json").read_text())["data"]["mix"] == "needle:0.5"
     # The mix does not change the shards: the plain run's cache folder is reused.
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
-
-
-def snapshot(folder: Path) -> dict:
-    if not folder.exists():
-        return {}
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_cli_bad_mix_exits_2_with_one_error_line(tmp_path, corpus, capsys):

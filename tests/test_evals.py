@@ -3,7 +3,6 @@ built on it (against hand-computed values and numpy), and `eval --task` / `eval-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,7 +25,7 @@ from diff_transformer.evals import runner
 from diff_transformer.evals.base import EvalContext
 from diff_transformer.evals.common import probing
 
-from conftest import write_corpus
+from conftest import snapshot, strict_json, write_corpus
 from evals_helpers import model_folder
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
@@ -291,18 +290,6 @@ def runs(tmp_path_factory):
         assert main(args) == 0
         out[attention] = root / attention
     return out
-
-
-def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def strict_json(path: Path):
-    def refuse(name):
-        raise ValueError(f"{path} holds {name}")
-
-    return json.loads(path.read_text(), parse_constant=refuse)
 
 
 def test_eval_all_tasks_writes_strict_json_and_png(runs, capsys):

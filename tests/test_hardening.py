@@ -25,7 +25,7 @@ from diff_transformer.cli import main
 from diff_transformer.train import checkpoint as ckpt
 from diff_transformer.train import rundir
 
-from conftest import write_corpus
+from conftest import snapshot, write_corpus
 
 TINY = ["model.dim=64", "model.n_layers=2", "data.tokenizer=byte", "batch_size=4", "seq_len=16",
         "eval_every=3", "eval_batches=2", "ckpt_every=3", "log_every=1", "warmup_steps=2"]
@@ -41,13 +41,6 @@ def env(tmp_path_factory):
     run = root / "run"
     assert main(["train", *args, "steps=6", "--out", str(run)]) == 0
     return {"root": root, "corpus": corpus, "cache": cache, "base": base, "args": args, "run": run}
-
-
-def snapshot(folder: Path) -> dict:
-    if not folder.exists():
-        return {}
-    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
-            for p in sorted(folder.rglob("*"))}
 
 
 def cli(*argv, env_extra=None, timeout=120, **kw) -> subprocess.CompletedProcess:
@@ -70,13 +63,13 @@ def assert_one_error(code: int, err: str, needle: str = "") -> str:
 
 def bad(argv, folders, needle="", capsys=None):
     """Run in-process; exit 2, one error line holding ``needle``, ``folders`` unchanged."""
-    before = [snapshot(f) for f in folders]
+    before = [snapshot(f, dirs=True) for f in folders]
     if capsys is not None:
         capsys.readouterr()
     code = main([str(a) for a in argv])
     err = capsys.readouterr().err if capsys is not None else ""
     line = assert_one_error(code, err, needle)
-    assert [snapshot(f) for f in folders] == before
+    assert [snapshot(f, dirs=True) for f in folders] == before
     return line
 
 
@@ -162,7 +155,7 @@ def test_disk_full_during_a_save_is_one_line_naming_the_space_needed(env, tmp_pa
     out = tmp_path / "full"
     shutil.copytree(env["run"], out)
     shutil.rmtree(ckpt.checkpoint_path(out, 6))
-    kept = snapshot(ckpt.checkpoint_path(out, 3))
+    kept = snapshot(ckpt.checkpoint_path(out, 3), dirs=True)
     limit = (ckpt.checkpoint_path(out, 3) / "model.safetensors").stat().st_size + 4096  # optimizer.safetensors: 2x
 
     def small_files():
@@ -173,7 +166,7 @@ def test_disk_full_during_a_save_is_one_line_naming_the_space_needed(env, tmp_pa
     r = cli("train", *env["args"], "steps=6", "--out", out, preexec_fn=small_files)
     line = assert_one_error(r.returncode, r.stderr, "a save needs about")
     assert "keep_last + 1 = 3" in line and "File too large" in line
-    assert snapshot(ckpt.checkpoint_path(out, 3)) == kept
+    assert snapshot(ckpt.checkpoint_path(out, 3), dirs=True) == kept
     assert not ckpt.checkpoint_path(out, 6).exists()
     assert cli("train", *env["args"], "steps=6", "--out", out).returncode == 0  # room again: it resumes
 

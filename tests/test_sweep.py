@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -20,7 +19,7 @@ from diff_transformer.train.stats import (catch_up, dumps, flops_per_token, inte
                                           paired_difference, t_quantile, t_two_sided_p)
 from diff_transformer.train.trainer import Trainer
 
-from conftest import write_corpus
+from conftest import snapshot, strict_json, write_corpus
 
 TINY = ["model.n_layers=1", "model.dim=32", "data.tokenizer=byte", "steps=4", "batch_size=2", "seq_len=16",
         "eval_every=2", "eval_batches=1", "log_every=1", "ckpt_every=0", "warmup_steps=1"]
@@ -34,18 +33,6 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
-
-
-def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def strict_json(path: Path):
-    def refuse(name):
-        raise AssertionError(f"{path} holds a bare {name}")
-
-    return json.loads(path.read_text(), parse_constant=refuse)
 
 
 # Statistics ------------------------------------------------------------------------------------------
