@@ -16,6 +16,7 @@
 #
 # GPU (default 0): the GPU(s) every stage uses, e.g. GPU=0,1 to deal one stage's runs over two GPUs
 # (sweep --gpus 0,1), or GPU=1 for a second pipeline beside one on GPU 0.
+# BUDGET_JOBS (default 4): concurrent runs of budget30/budget100 (fewer: the first arms finish first).
 # EVAL_TIMEOUT (default 900 s) bounds one run's evaluation; a stopped one writes its finished tasks.
 #
 # Throughput seen on 2026-11-30: ten 34M-shape runs at once on one H200 trained ~0.48M tokens/s in all (about
@@ -80,10 +81,10 @@ stage() {
     lr34) sweep --preset small --set "${S34[@]}" --variants $FOUR --lrs 7.5e-4 3e-3 --seeds 1 --jobs $GPU_JOBS \
             --gpus $GPU --out "$R/lr34" ;;
     budget34) stage budget30 && stage budget100 ;;
-    budget30) sweep --preset small --set "${S34[@]}" tokens=30000000 --variants $FOUR --seeds 1 --jobs 4 --gpus $GPU \
+    budget30) sweep --preset small --set "${S34[@]}" tokens=30000000 --variants $FOUR --seeds 1 --jobs ${BUDGET_JOBS:-4} --gpus $GPU \
                 --out "$R/budget34-30000000" ;;
     budget100) sweep --preset small --set "${S34[@]}" tokens=100000000 --variants "${ARMS100:-$FOUR}" --seeds 1 \
-                 --jobs 4 --gpus $GPU --out "$R/budget34-100000000" ;;
+                 --jobs ${BUDGET_JOBS:-4} --gpus $GPU --out "$R/budget34-100000000" ;;
       *) echo "unknown stage $1" >&2; return 2 ;;
   esac
   log "$1 done"

@@ -98,6 +98,25 @@ def test_report_tables_markdown_and_escaping(tmp_path, capsys):
     assert "<b>" not in page and "$\\frac{&lt;b&gt;$" in page
 
 
+def test_report_many_variants_stay_readable(tmp_path):
+    """Past PER_LAYER_MAX_VARIANTS the instrumentation plot draws one line a variant (its mean over layers),
+    the λ panels wrap at four a row, and every variant keeps its own colour up to twenty."""
+    from diff_transformer.report import PER_LAYER_MAX_VARIANTS, _colour, load_folder, plots
+
+    names = [f"v{i}" for i in range(PER_LAYER_MAX_VARIANTS + 3)]
+    root = tmp_path / "many"
+    root.mkdir()
+    (root / "sweep.json").write_text(json.dumps({"reference": names[0], "variants": names}))
+    for i, name in enumerate(names):
+        write_run(root / name / "seed_1", "diff" if i % 2 else "baseline", 1, 0.01 * i)
+    figs = dict(plots(load_folder(root)))
+    assert any("mean over layers" in title for title in figs)
+    assert not any("line style = layer" in title for title in figs)
+    assert len({_colour(i, 20) for i in range(20)}) == 20 and _colour(3, 5) != _colour(4, 5)
+    few = dict(plots(load_folder(synthetic_sweep(tmp_path / "few"))))
+    assert any("line style = layer" in title for title in few)
+
+
 @pytest.mark.parametrize("make,needle", [
     (lambda p: p, "holds neither sweep.json nor compare.json"),
     (lambda p: p / "missing", "is not a folder"),

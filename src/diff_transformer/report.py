@@ -221,38 +221,72 @@ def _mean_band(curves: list[list]) -> tuple[list, list, list]:
     return common, means, stds
 
 
+def _colour(i: int, n: int):
+    """A distinct colour for series ``i`` of ``n`` (tab10 up to 10 series, tab20 up to 20, then cycling)."""
+    import matplotlib.pyplot as plt
+
+    return plt.get_cmap("tab10")(i % 10) if n <= 10 else plt.get_cmap("tab20")(i % 20)
+
+
+def _legend_outside(ax, fontsize: float = 7) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+PER_LAYER_MAX_VARIANTS = 3  # above this the instrumentation plot shows each variant's mean over layers
+
+
 def plots(data: dict) -> list[tuple[str, str]]:
-    """(title, base64 PNG) of the folder's figures."""
+    """(title, base64 PNG) of the folder's figures, readable from one variant to twenty."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = data["groups"]
-    colours = plt.get_cmap("tab10")
+    n = len(groups)
     out = []
-    fig, ax = plt.subplots(figsize=(7, 4))
+    # Validation loss: the whole run, and its second half zoomed in (where the arms separate).
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1]})
+    tail_lo = tail_hi = None
     for i, (name, runs) in enumerate(groups.items()):
         tps = next(iter(runs.values()))["tokens_per_step"]
         xs, m, s = _mean_band([r["eval_curve"] for r in runs.values()])
         if not xs:
             continue
         toks = [x * tps for x in xs]
-        ax.plot(toks, m, color=colours(i % 10), marker="o", ms=3, label=_tex_safe(f"{name} (n={len(runs)})"))
-        ax.fill_between(toks, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=colours(i % 10),
-                        alpha=0.2)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("Validation loss, mean ± std over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        half = toks[-1] / 2
+        tail = [(t, a) for t, a in zip(toks, m) if t >= half and math.isfinite(a)]
+        for ax, pts in ((axes[0], list(zip(toks, m, s))), (axes[1], [p for p in zip(toks, m, s) if p[0] >= half])):
+            if not pts:
+                continue
+            t, a, b = zip(*pts)
+            ax.plot(t, a, color=_colour(i, n), marker="o", ms=2.5, lw=1.2,
+                    label=_tex_safe(f"{name} (n={len(runs)})") if ax is axes[1] else None)
+            ax.fill_between(t, [x - y for x, y in zip(a, b)], [x + y for x, y in zip(a, b)], color=_colour(i, n),
+                            alpha=0.15)
+        if tail:
+            lo, hi = min(a for _, a in tail), max(a for _, a in tail)
+            tail_lo = lo if tail_lo is None else min(tail_lo, lo)
+            tail_hi = hi if tail_hi is None else max(tail_hi, hi)
+    for ax, title in zip(axes, ("whole run", "second half")):
+        ax.set_xlabel("training tokens")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation loss (nats/token)")
+    if tail_lo is not None and tail_hi > tail_lo:
+        pad = 0.05 * (tail_hi - tail_lo)
+        axes[1].set_ylim(tail_lo - pad, tail_hi + pad)
+    _legend_outside(axes[1])
     fig.tight_layout()
     out.append(("Validation loss per variant (mean ± std over seeds)", _png(fig)))
 
-    lam = {n: r for n, r in groups.items() if any(x["lambdas"] for x in r.values())}
+    lam = {n_: r for n_, r in groups.items() if any(x["lambdas"] for x in r.values())}
     if lam:
-        fig, axes = plt.subplots(1, len(lam), figsize=(4.5 * len(lam), 3.5), squeeze=False)
-        for ax, (name, runs) in zip(axes[0], lam.items()):
+        cols = min(4, len(lam))
+        rows = -(-len(lam) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+        for ax, (name, runs) in zip(axes.flat, lam.items()):
             trajs = [r["lambdas"] for r in runs.values() if r["lambdas"]]
             n_layers = len(trajs[0][0][1])
             for layer in range(n_layers):
@@ -262,32 +296,49 @@ def plots(data: dict) -> list[tuple[str, str]]:
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6)
+        for ax in list(axes.flat)[len(lam):]:
+            ax.set_visible(False)
         fig.tight_layout()
         out.append(("λ per layer during training (mean over seeds)", _png(fig)))
 
-    inst = {n: r for n, r in groups.items() if any(x["o_proj_in_rms"] for x in r.values())}
+    inst = {n_: r for n_, r in groups.items() if any(x["o_proj_in_rms"] for x in r.values())}
     if inst:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        per_layer = len(inst) <= PER_LAYER_MAX_VARIANTS
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
         styles = ["-", "--", ":", "-."]
         for i, (name, runs) in enumerate(inst.items()):
             for ax, key in zip(axes, ("o_proj_in_rms", "head_norm_gain")):
                 trajs = [r[key] for r in runs.values() if r[key]]
                 if not trajs or all(v is None for v in trajs[0][0][1]):
                     continue
-                for layer in range(len(trajs[0][0][1])):
-                    curves = [[[st, v[layer]] for st, v in t if v[layer] is not None] for t in trajs]
+                n_layers = len(trajs[0][0][1])
+                if per_layer:
+                    for layer in range(n_layers):
+                        curves = [[[st, v[layer]] for st, v in t if v[layer] is not None] for t in trajs]
+                        xs, m, _ = _mean_band(curves)
+                        ax.plot(xs, m, color=_colour(i, len(inst)), ls=styles[layer % 4], lw=1,
+                                label=_tex_safe(f"{name} layer {layer}"))
+                else:  # one line a variant: its mean over layers
+                    curves = [[[st, sum(x for x in v if x is not None) / max(1, sum(x is not None for x in v))]
+                               for st, v in t if any(x is not None for x in v)] for t in trajs]
                     xs, m, _ = _mean_band(curves)
-                    ax.plot(xs, m, color=colours(i % 10), ls=styles[layer % 4], lw=1,
-                            label=_tex_safe(f"{name} layer {layer}"))
+                    ax.plot(xs, m, color=_colour(i, len(inst)), lw=1.2, label=_tex_safe(name))
         axes[0].set_title("RMS of the attention output into o_proj")
         axes[1].set_title("per-head norm gain (mean of its weight)")
         for ax in axes:
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=6)
+        seen = {}  # one legend for both panels: a variant without a norm has a line on the left only
+        for ax in axes:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                seen.setdefault(label, handle)
+        if seen:
+            axes[1].legend(list(seen.values()), list(seen), fontsize=6 if per_layer else 7, loc="upper left",
+                           bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         fig.tight_layout()
-        out.append(("Instrumentation per layer (colour = variant, line style = layer; mean over seeds)", _png(fig)))
+        title = ("Instrumentation per layer (colour = variant, line style = layer; mean over seeds)" if per_layer else
+                 "Instrumentation (colour = variant; mean over layers and seeds; per-layer values in metrics.jsonl)")
+        out.append((title, _png(fig)))
     return out
 
 
