@@ -4,6 +4,19 @@
     python benchmarks/attention.py --model          # also the base-preset model: training, memory, decoding, HF DiffLlama
     python benchmarks/attention.py --sweep --model  # first search launch shapes (for NOTES.md), then all of it
 
+``auto``'s table (attention/auto_table.json; issue 11: auto within 3% of the faster backend at every
+shape), at head dims 64 and 128, N 512 to 16K, both variants, training (forward+backward) and
+inference (forward): in two invocations, since ``auto`` reads its table when the package is imported
+
+    python benchmarks/attention.py --auto-table --write-table src/diff_transformer/attention/auto_table.json
+    python benchmarks/attention.py --auto-table     # auto with the new table -> results/auto-table-<gpu>.json
+
+The first times the kernel, SDPA (its own pattern choice) and ``auto`` through the public op, writes
+results/auto-table-<gpu>-build.json and a new table from the faster backend at each shape; the second
+times the same shapes again and checks ``auto`` (``auto_ok`` per shape, ``auto_ok_all``). Run from the
+repository with the package importable from src/ (PYTHONPATH=src or an editable install), so the
+second run reads the table the first one wrote.
+
 Shapes follow issue 6: bf16, 32K tokens a batch (B = 32768 / N); the baseline has 16 heads of d=128;
 DIFF V1 has 8 differential heads (q/k d=128, v 256); DIFF V2 has 32 query heads in 16 pairs over 16
 kv heads of width 128. Times are medians of ``triton.testing.do_bench``.
@@ -18,6 +31,7 @@ DIFF V1 a user could write without this library: four SDPA calls in bf16 with a 
 
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import platform
@@ -30,7 +44,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from diff_transformer.attention import differential_attention, sdpa
+from diff_transformer.attention import auto_table, differential_attention, resolve_backend, sdpa
 from diff_transformer.attention.triton import op
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -171,6 +185,97 @@ def attention_tables(ns, tokens):
             del paths
             torch.cuda.empty_cache()
     return rows
+
+
+# auto's table ----------------------------------------------------------------------------------------
+AUTO_HEAD_DIMS = (64, 128)
+AUTO_NS = (512, 1024, 2048, 4096, 8192, 16384)
+
+
+def auto_inputs(variant, d, n, tokens):
+    """(B, DIFF inputs) at the tables' width for head dim d: V1 1024/d heads (v 2d, 0-d λ), V2 2048/d
+    query pairs over as many kv heads (v d, per-token λ)."""
+    b = tokens // n
+    if variant == "v1":
+        h = 1024 // d
+        q1, q2, k1, k2 = (rand(b, h, n, d) for _ in range(4))
+        return b, (q1, q2, k1, k2, rand(b, h, n, 2 * d), torch.tensor(0.5, device="cuda", requires_grad=True))
+    h = 2048 // d
+    q1, q2, k, v = (rand(b, h, n, d) for _ in range(4))
+    return b, (q1, q2, k, k, v, torch.rand(b, h, n, device="cuda").requires_grad_())
+
+
+def time_op(backend, inputs, mode) -> float:
+    """Median ms of the public op with ``backend``: forward+backward ("train") or forward under no_grad ("infer")."""
+    fwd, both, grads = run_path(lambda *t: differential_attention(*t, causal=True, backend=backend), inputs)
+    return bench(both, grads) if mode == "train" else bench(fwd)
+
+
+def auto_shapes(head_dims, ns, tokens):
+    """Backends triton, sdpa (its own pattern choice) and auto at every shape: median ms, auto's choice,
+    and ``auto_table.check_auto`` (the faster backend, auto's ratio to it, ``auto_ok``)."""
+    rows = []
+    for d in head_dims:
+        for variant in ("v1", "v2"):
+            for n in ns:
+                b, inputs = auto_inputs(variant, d, n, tokens)
+                q1, _, k1, k2, v, _ = inputs
+                for mode in ("train", "infer"):
+                    with torch.set_grad_enabled(mode == "train"):
+                        choice = resolve_backend("auto", q1, k1, k2, v)
+                    ms, errors = {}, {}
+                    for backend in ("triton", "sdpa", "auto"):
+                        try:
+                            ms[backend] = time_op(backend, inputs, mode)
+                        except (RuntimeError, triton.runtime.errors.OutOfResources) as e:  # recorded, loses
+                            ms[backend] = None
+                            errors[backend] = str(e).splitlines()[0][:200]
+                    row = {"variant": variant, "mode": mode, "head_dim": d, "N": n, "B": b, "ms": ms,
+                           "auto_choice": choice, **auto_table.check_auto(ms)}
+                    if errors:
+                        row["errors"] = errors
+                    rows.append(row)
+                    ratio = "n/a" if row["auto_ratio"] is None else f"{row['auto_ratio']:.3f}x"
+                    print(f"auto {variant} {mode:5s} d={d:3d} N={n:5d} B={b:3d}  " + "  ".join(
+                        f"{k} {t:.3f}" if t is not None else f"{k} failed" for k, t in ms.items())
+                        + f" ms; auto took {choice}, {ratio} the faster" + ("" if row["auto_ok"] else "  NOT OK"),
+                        flush=True)
+                del inputs, q1, k1, k2, v
+                torch.cuda.empty_cache()
+    return rows
+
+
+def auto_table_bench(args, meta) -> int:
+    """``--auto-table``: time, check auto, and with ``--write-table`` write a table from the winners."""
+    built = args.write_table is not None
+    out = args.out or RESULTS / f"auto-table-{meta['gpu'].split()[-1].lower()}{'-build' if built else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    used = auto_table.TABLE
+    res = {**meta, "head_dims": list(AUTO_HEAD_DIMS), "ns": list(AUTO_NS), "tolerance": auto_table.AUTO_TOLERANCE,
+           "table_used": {"meta": used.document["meta"], "fallback_reason": used.fallback_reason,
+                          "entries": used.document["entries"]}}
+    if used.fallback_reason:
+        print(f"auto runs on its built-in thresholds: {used.fallback_reason}", flush=True)
+    res["shapes"] = auto_shapes(AUTO_HEAD_DIMS, AUTO_NS, args.tokens)
+    bad = [r for r in res["shapes"] if not r["auto_ok"]]
+    res["auto_ok_all"] = not bad
+    res["worst_auto_ratio"] = max((r["auto_ratio"] for r in res["shapes"] if r["auto_ratio"] is not None),
+                                  default=None)
+    out.write_text(json.dumps(res, indent=1))
+    worst = res["worst_auto_ratio"]
+    print(f"auto within {auto_table.AUTO_TOLERANCE:.0%} of the faster backend at {len(res['shapes']) - len(bad)} "
+          f"of {len(res['shapes'])} shapes (worst {'n/a' if worst is None else f'{worst:.3f}x'}); wrote {out}",
+          flush=True)
+    if built:
+        table_meta = {k: meta[k] for k in ("gpu", "torch", "triton", "dtype", "tokens_per_batch", "date", "command")}
+        doc = auto_table.build_table(res["shapes"], table_meta)
+        args.write_table.parent.mkdir(parents=True, exist_ok=True)
+        args.write_table.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote the auto table {args.write_table}; check it with the same command without --write-table",
+              flush=True)
+        if args.write_table.resolve() != auto_table.TABLE_PATH.resolve():
+            print(f"note: auto reads {auto_table.TABLE_PATH}, not the table just written", flush=True)
+    return 0
 
 
 # Correctness on the GPU ------------------------------------------------------------------------
@@ -427,14 +532,24 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true", help="first search the kernels' launch shapes and use the best")
     ap.add_argument("--model", action="store_true", help="also benchmark the base-preset model")
     ap.add_argument("--model-only", action="store_true", help="only the base-preset model benchmark")
-    ap.add_argument("--out", type=Path, default=None, help="JSON output (default results/attention-<gpu>.json)")
+    ap.add_argument("--auto-table", action="store_true",
+                    help="only time triton, sdpa and auto at head dims 64/128, N 512-16K, and check auto")
+    ap.add_argument("--write-table", type=Path, default=None,
+                    help="with --auto-table: write a new auto table from the faster backend at each shape")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON output (default results/attention-<gpu>.json; results/auto-table-<gpu>[-build].json)")
     args = ap.parse_args(argv)
+    if args.write_table is not None and not args.auto_table:
+        ap.error("--write-table needs --auto-table")
     if not torch.cuda.is_available():
         print("benchmarks/attention.py needs a CUDA GPU; none is visible here.", file=sys.stderr)
         return 2
     gpu = torch.cuda.get_device_name()
     meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-            "dtype": str(DTYPE), "tokens_per_batch": args.tokens}
+            "dtype": str(DTYPE), "tokens_per_batch": args.tokens, "date": datetime.date.today().isoformat(),
+            "command": " ".join(["python benchmarks/attention.py", *(argv if argv is not None else sys.argv[1:])])}
+    if args.auto_table:
+        return auto_table_bench(args, meta)
     out = args.out or RESULTS / f"attention-{gpu.split()[-1].lower()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     res = dict(meta)

@@ -5,7 +5,8 @@
 - ``reference``: eager fp32 (see reference.py); the oracle, slow, O(N²) memory.
 - ``sdpa``: PyTorch's fused attention, two or four calls (see sdpa.py).
 - ``triton``: the fused single-pass kernel (see triton/), CUDA only.
-- ``auto``: ``triton`` on CUDA when it is installed and supports the inputs, else ``sdpa``.
+- ``auto``: ``triton`` on CUDA when it is installed, supports the inputs and was measured faster
+  there (the table read by auto_table.py), else ``sdpa``.
 
 An optional additive ``bias`` on the scaled scores (ALiBi), broadcastable to (B, H, N, M), is taken
 by ``reference`` and ``sdpa``; the Triton kernel has none, so ``auto`` uses SDPA when one is given.

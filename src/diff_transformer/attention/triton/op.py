@@ -8,7 +8,8 @@ is the function the public op calls.
 
 Limits: q/k head dim d a power of two in [16, 128]; value width d or 2d; fp16, bf16, or fp32 (fp32
 products run as TF32 on GPUs); causal needs N ≤ M. Anything else raises ValueError; ``supports``
-tells the ``auto`` backend whether to choose this one (only where it measured faster than SDPA).
+tells the ``auto`` backend whether to choose this one (only where the table in attention/auto_table.py
+holds it faster than SDPA).
 
 Memory: when a backward will follow, the forward also keeps branch 2's output O2 (one more tensor of
 O's size) so the backward's E1/E2 are row dot products rather than another pass over the keys.
@@ -25,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import auto_table
 from . import kernels
 
 _LOG2E = 1.4426950408889634
@@ -99,22 +101,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Where the kernel beat every SDPA path on an H200 (bf16, causal, 32K tokens a batch; the tables in
-# benchmarks/NOTES.md): the longest key sequence, for training (forward+backward) and for inference
-# (forward alone), and the fewest queries (decoding one token at a time went faster through SDPA).
-AUTO_MAX_KEYS = {("v1", "train"): 16384, ("v1", "infer"): 2048, ("v2", "train"): 4096, ("v2", "infer"): 8192}
-AUTO_MIN_QUERIES = 16
-
-
 def supports(q1: Tensor, k1: Tensor, k2: Tensor, v: Tensor) -> bool:
     """Whether ``auto`` should take this backend: CUDA half-precision inputs the kernel covers, at
-    shapes where it was measured faster than SDPA (``AUTO_MAX_KEYS``, ``AUTO_MIN_QUERIES``)."""
+    shapes where the auto table (attention/auto_table.json) holds it faster than SDPA."""
     if not q1.is_cuda or q1.dtype not in (torch.float16, torch.bfloat16):
         return False
-    variant = "v1" if v.shape[-1] == 2 * q1.shape[-1] else "v2"
-    mode = "train" if torch.is_grad_enabled() and any(t.requires_grad for t in (q1, k1, k2, v)) else "infer"
-    return (unsupported_reason(q1, k1, k2, v) is None and k1.shape[-2] <= AUTO_MAX_KEYS[variant, mode]
-            and q1.shape[-2] >= AUTO_MIN_QUERIES)
+    return unsupported_reason(q1, k1, k2, v) is None and auto_table.choose_for(q1, k1, k2, v) == "triton"
 
 
 def _check(q1: Tensor, k1: Tensor, k2: Tensor | None, v: Tensor, causal: bool) -> None:
