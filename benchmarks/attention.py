@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import platform
 import sys
 import time
