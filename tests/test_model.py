@@ -325,3 +325,49 @@ def test_from_pretrained_refuses_other_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="does not match the model config"):
         DiffTransformerLM.from_pretrained(tmp_path)
+
+
+def _plain_rms_norm(x, weight, eps):
+    """The plain ops (HF's LlamaRMSNorm), differentiated by autograd: the reference for RMSNorm."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                             (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)])
+def test_rms_norm_function_matches_autograd_of_the_plain_ops(x_dtype, w_dtype):
+    """RMSNorm trains through a Function that keeps only x and 1/rms: the same forward bits and the
+    gradients of autograd through the plain ops (bf16: bit-equal; fp32: to one rounding)."""
+    from diff_transformer.model import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64).to(w_dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64))
+    x = (torch.randn(3, 5, 64) * 3).to(x_dtype).requires_grad_()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), norm.weight.detach().clone().requires_grad_()
+    y, y_ref = norm(x), _plain_rms_norm(x_ref, w_ref, norm.eps)
+    assert y.dtype == y_ref.dtype and torch.equal(y, y_ref)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    tol = 0 if x_dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(norm.weight.grad, w_ref.grad, rtol=tol, atol=tol)
+    with torch.no_grad():  # inference: the plain ops, the same bits
+        assert torch.equal(norm(x), y_ref)
+
+
+def test_rms_norm_keeps_only_its_input_and_the_row_scale_for_backward():
+    """What training saves: x (shared with the caller) and 1/rms, no fp32 or normalised copy of x."""
+    from diff_transformer.model import RMSNorm
+
+    norm = RMSNorm(256)
+    x = torch.randn(4, 32, 256, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        norm(x)
+    assert sum(t.numel() * t.element_size() for t in saved if t.data_ptr() != x.data_ptr()
+               and t.data_ptr() != norm.weight.data_ptr()) == 4 * 32 * 4  # fp32 1/rms per row
