@@ -269,7 +269,10 @@ def plots(data: dict) -> list[tuple[str, str]]:
             lo, hi = min(a for _, a in tail), max(a for _, a in tail)
             tail_lo = lo if tail_lo is None else min(tail_lo, lo)
             tail_hi = hi if tail_hi is None else max(tail_hi, hi)
+    from matplotlib.ticker import EngFormatter
+
     for ax, title in zip(axes, ("whole run", "second half")):
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 160k, 10M: no overlapping raw integers
         ax.set_xlabel("training tokens")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
