@@ -338,24 +338,23 @@ def _plain_rms_norm(x, weight, eps):
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                              (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)])
 def test_rms_norm_function_matches_autograd_of_the_plain_ops(x_dtype, w_dtype):
-    """RMSNorm trains through a Function that keeps only x and 1/rms: the same forward bits and the
-    gradients of autograd through the plain ops (bf16: bit-equal; fp32: to one rounding)."""
+    """RMSNorm trains through a Function that keeps only x and 1/rms: the same bits as autograd through
+    the plain ops, forward and both gradients, in every dtype (a rounding apart changes a `tiny` run's
+    final loss by up to 0.07: training amplifies it)."""
     from diff_transformer.model import RMSNorm
 
     torch.manual_seed(0)
     norm = RMSNorm(64).to(w_dtype)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(64))
-    x = (torch.randn(3, 5, 64) * 3).to(x_dtype).requires_grad_()
+    x = (torch.randn(3, 5, 7, 64) * 3).to(x_dtype).requires_grad_()
     x_ref, w_ref = x.detach().clone().requires_grad_(), norm.weight.detach().clone().requires_grad_()
     y, y_ref = norm(x), _plain_rms_norm(x_ref, w_ref, norm.eps)
     assert y.dtype == y_ref.dtype and torch.equal(y, y_ref)
     dy = torch.randn_like(y)
     y.backward(dy)
     y_ref.backward(dy)
-    tol = 0 if x_dtype == torch.bfloat16 else 1e-6
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=tol, atol=tol)
-    torch.testing.assert_close(norm.weight.grad, w_ref.grad, rtol=tol, atol=tol)
+    assert torch.equal(x.grad, x_ref.grad) and torch.equal(norm.weight.grad, w_ref.grad)
     with torch.no_grad():  # inference: the plain ops, the same bits
         assert torch.equal(norm(x), y_ref)
 

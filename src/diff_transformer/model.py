@@ -35,11 +35,11 @@ def _rms_normalize(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 class _RMSNormFunction(torch.autograd.Function):
     """``weight * normalize(x)`` keeping only x and the per-row 1/rms for the backward.
 
-    Autograd through the plain ops keeps x in fp32 and the normalised x in x's dtype as well: for a bf16
-    input 6 bytes an element more than this (DIFF's per-head norm: 6 × dim bytes a token a layer; 1.9 GiB
-    of the `base` preset's 4K-token training step), for an fp32 input 4. The backward recomputes x̂; its
-    arithmetic follows autograd's through the plain ops (the casts included), so the gradients agree to
-    rounding and the forward is the same bits.
+    Autograd through the plain ops keeps x in fp32 and the normalised x as well: for a bf16 input 6 bytes
+    an element more than this (DIFF's per-head norm sees dim elements a token: 1.9 GiB of the `base`
+    preset's 4K-token training step). The backward recomputes x̂ and replays autograd's own arithmetic
+    for the plain ops, op for op (mul, rsqrt, mean and pow backward formulas, the casts included), so
+    the gradients are the same bits as autograd's, and so is the forward.
     """
 
     @staticmethod
@@ -51,13 +51,17 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, weight, rstd = ctx.saved_tensors
-        xhat = x.float() * rstd  # fp32
+        xf = x.float()
+        xn = (xf * rstd).to(x.dtype)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            g = (dy * weight).to(x.dtype).float()  # through weight * x̂ and the cast of x̂ to x's dtype
-            dx = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+            g = (dy * weight).to(xn.dtype).to(xf.dtype)  # mul, then the two casts' backward
+            g_rstd = (g * xf).sum(-1, keepdim=True)  # mul backward, reduced to rstd's shape
+            g_mean = (-0.5 * g_rstd) * rstd.pow(3)  # rsqrt backward
+            g_sq = g_mean.expand_as(xf) / x.shape[-1]  # mean backward
+            dx = (g * rstd + g_sq * (2 * xf)).to(x.dtype)  # x·rstd and pow(2) backward, summed
         if ctx.needs_input_grad[1]:
-            dw = (dy * xhat.to(x.dtype)).reshape(-1, dy.shape[-1]).sum(0).to(weight.dtype)
+            dw = (dy * xn).sum_to_size(weight.shape).to(weight.dtype)
         return dx, dw, None
 
 
