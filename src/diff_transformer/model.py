@@ -33,13 +33,17 @@ def _rms_normalize(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """``weight * normalize(x)`` keeping only x and the per-row 1/rms for the backward.
+    """``weight * normalize(x)`` for a non-fp32 x, keeping only x and the per-row 1/rms for the backward.
 
-    Autograd through the plain ops keeps x in fp32 and the normalised x as well: for a bf16 input 6 bytes
-    an element more than this (DIFF's per-head norm sees dim elements a token: 1.9 GiB of the `base`
-    preset's 4K-token training step). The backward recomputes x̂ and replays autograd's own arithmetic
-    for the plain ops, op for op (mul, rsqrt, mean and pow backward formulas, the casts included), so
-    the gradients are the same bits as autograd's, and so is the forward.
+    Autograd through the plain ops keeps an fp32 copy of x and the normalised x as well: for a bf16 input
+    6 bytes an element more than this (DIFF's per-head norm sees dim elements a token: 1.9 GiB of the
+    `base` preset's 4K-token training step). The backward recomputes x̂ and replays autograd's own
+    arithmetic for the plain ops, op for op (mul, rsqrt, mean and pow backward formulas, the casts
+    included), so forward and gradients are the same bits as autograd's. Only for a non-fp32 x: there
+    ``x.float()`` is a node of its own, so the norm hands x one gradient either way. An fp32 x is used by
+    the plain ops directly, twice, and autograd adds those two gradients into x's together with x's other
+    uses (the residual stream) in an order one Function cannot reproduce; a rounding apart there moved
+    a `tiny` run's final loss by 0.07, so fp32 inputs keep the plain ops.
     """
 
     @staticmethod
@@ -68,8 +72,8 @@ class _RMSNormFunction(torch.autograd.Function):
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in fp32 and returned in the input dtype (as HF's LlamaRMSNorm).
 
-    Training keeps only x and 1/rms for the backward (:class:`_RMSNormFunction`); without a gradient it
-    is the plain ops. Both give the same bits forward.
+    Training on a half-precision (or fp64) input keeps only x and 1/rms for the backward
+    (:class:`_RMSNormFunction`); otherwise it is the plain ops. Same bits either way, forward and backward.
     """
 
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -78,7 +82,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        if x.dtype != torch.float32 and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return _RMSNormFunction.apply(x, self.weight, self.eps)
         return self.weight * _rms_normalize(x, self.eps)[0]
 
