@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -73,6 +74,30 @@ def agreement(eager: torch.Tensor, compiled: torch.Tensor, prompt_len: int) -> d
             "equal_share": float(equal.float().mean()) if n else 1.0}
 
 
+@torch.no_grad()
+def mismatch_margin(model, eager: torch.Tensor, compiled: torch.Tensor, prompt_len: int, first: int) -> dict:
+    """At the first differing new token: is it a near-tie? One forward over the common prefix gives the
+    logits both paths chose from; per differing row, the compiled token's rank among them and the top-1
+    minus top-2 logit gap, also in units of one rounding step of the top logit in the model's dtype. A
+    compiled token that is the runner-up within a step or two is a near-tie flip; anything else points at
+    a defect of the static path."""
+    pos = prompt_len + first  # the token index both paths predicted differently
+    logits = model(eager[:, :pos])[:, -1].float()  # (B, V)
+    rows = (eager[:, pos] != compiled[:, pos]).nonzero().flatten().tolist()
+    top2 = logits.topk(2, dim=-1)
+    eps = torch.finfo(next(model.parameters()).dtype).eps
+    out = []
+    for r in rows:
+        gap = float(top2.values[r, 0] - top2.values[r, 1])
+        top = float(top2.values[r, 0].abs())
+        step = 2.0 ** math.floor(math.log2(top)) * eps if top > 0 else eps  # one ulp of the top logit
+        rank = int((logits[r] > logits[r, compiled[r, pos]]).sum())  # 0 = top choice, 1 = runner-up
+        out.append({"row": r, "compiled_token_rank": rank, "top2_gap": gap, "gap_in_rounding_steps": gap / step})
+    return {"rows_differing": len(rows), "first_rows": out[:8],
+            "all_runner_up_within_2_steps": bool(out) and all(o["compiled_token_rank"] == 1
+                                                              and o["gap_in_rounding_steps"] <= 2 for o in out)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
@@ -124,8 +149,12 @@ def main(argv=None) -> int:
                 except Exception as e:  # noqa: BLE001 - out of memory or a compile failure: recorded
                     row[mode] = {"error": f"{type(e).__name__}: {e}"[:300]}
             try:
-                row.update(agreement(model.generate(prompt, new, temperature=0),
-                                     model.generate(prompt, new, temperature=0, compile=True), plen))
+                eager_tokens = model.generate(prompt, new, temperature=0)
+                compiled_tokens = model.generate(prompt, new, temperature=0, compile=True)
+                row.update(agreement(eager_tokens, compiled_tokens, plen))
+                if row["first_mismatch"] is not None:
+                    row["first_mismatch_margin"] = mismatch_margin(model, eager_tokens, compiled_tokens, plen,
+                                                                   row["first_mismatch"])
             except Exception as e:  # noqa: BLE001
                 row["same_tokens"] = f"{type(e).__name__}: {e}"[:300]
             if "tokens_per_s" in row["eager"] and "tokens_per_s" in row["compiled"]:

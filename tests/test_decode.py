@@ -137,3 +137,31 @@ def test_model_work_per_token_by_hand():
     # DIFF V1 (1 head of d, 2d): forward 2·32·(8 + 16) = 1536, backward 2·32·(24 + 16) = 2560 → 512/token.
     assert m(attention="diff", **kw) == 6240 + 1024
     assert m(attention="baseline", train=False, **kw) == 2 * 1040 + 2 * 1024 / 8
+
+
+def test_decode_benchmark_tells_a_near_tie_from_a_wrong_token():
+    """benchmarks/decode.py's diagnostic at the first differing token: the compiled token's rank among
+    the logits both paths chose from, and the top-2 gap in ulps of the top logit."""
+    from diff_transformer.config import preset
+
+    spec = importlib.util.spec_from_file_location(
+        "decode_bench", Path(__file__).parents[1] / "benchmarks" / "decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    model = DiffTransformerLM(preset("tiny", vocab_size=64)).to(torch.bfloat16).eval()
+    prompt = torch.randint(0, 64, (3, 8))
+    eager = model.generate(prompt, 6, temperature=0)
+    with torch.no_grad():
+        ranked = model(eager[:, :10])[:, -1].float().topk(10).indices  # the choices at new token 2
+    for rank in (1, 9):
+        compiled = eager.clone()
+        compiled[1, 10] = ranked[1, rank]
+        seen = bench.agreement(eager, compiled, 8)
+        assert seen["first_mismatch"] == 2 and not seen["same_tokens"]
+        margin = bench.mismatch_margin(model, eager, compiled, 8, seen["first_mismatch"])
+        assert margin["rows_differing"] == 1 and margin["first_rows"][0]["row"] == 1
+        assert margin["first_rows"][0]["compiled_token_rank"] == rank
+        assert margin["first_rows"][0]["gap_in_rounding_steps"] > 0
+        if rank == 9:
+            assert not margin["all_runner_up_within_2_steps"]
