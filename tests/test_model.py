@@ -372,11 +372,13 @@ def test_rms_norm_keeps_only_its_input_and_the_row_scale_for_backward():
 
 
 @pytest.mark.parametrize("amp", [False, True])
-@pytest.mark.parametrize("attention", ["diff", "baseline"])
-def test_training_with_the_rms_norm_function_is_bit_equal_to_the_plain_ops(attention, amp, monkeypatch):
-    """Five AdamW steps end with the same weights, bit for bit, as with RMSNorm through autograd of its
-    plain ops: the Function changes what is kept, never the arithmetic (fp32 and bf16 autocast)."""
+@pytest.mark.parametrize("attention", ["diff", "diff_v2", "baseline"])
+def test_training_with_the_memory_saving_functions_is_bit_equal_to_the_plain_ops(attention, amp, monkeypatch):
+    """Five AdamW steps end with the same weights, bit for bit, as with RMSNorm and SDPA's o1 − λ·o2
+    through autograd of their plain ops: the Functions change what is kept, never the arithmetic (fp32
+    and bf16 autocast; the differential SDPA path, which the CPU takes)."""
     from diff_transformer import model as M
+    from diff_transformer.attention import sdpa
 
     def train():
         torch.manual_seed(0)
@@ -394,5 +396,31 @@ def test_training_with_the_rms_norm_function_is_bit_equal_to_the_plain_ops(atten
 
     ours = train()
     monkeypatch.setattr(M.RMSNorm, "forward", lambda self, x: self.weight * M._rms_normalize(x, self.eps)[0])
+    monkeypatch.setattr(sdpa, "_combine", sdpa._combine_plain)
     plain = train()
     assert all(torch.equal(a, b) for a, b in zip(ours, plain))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_sdpa_combine_function_matches_the_plain_ops_and_keeps_no_fp32_copy(dtype, per_token):
+    """o1 − λ·o2 (V1: 0-d λ; V2: per-token λ): same bits forward and for every gradient, and for a
+    half-precision o2 nothing is kept besides o2 itself and λ."""
+    from diff_transformer.attention import sdpa
+
+    torch.manual_seed(0)
+    o1, o2 = (torch.randn(2, 3, 5, 8).to(dtype).requires_grad_() for _ in range(2))
+    lam = (torch.rand(2, 3, 5) if per_token else torch.tensor(0.4)).requires_grad_()
+    ref = [t.detach().clone().requires_grad_() for t in (o1, o2, lam)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = sdpa._combine(o1, o2, lam)
+    y_ref = sdpa._combine_plain(*ref)
+    assert y.dtype == dtype and torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    for t, r in zip((o1, o2, lam), ref):
+        assert torch.equal(t.grad, r.grad)
+    if dtype == torch.bfloat16:
+        assert sum(t.numel() * t.element_size() for t in saved if t.data_ptr() != o2.data_ptr()) == lam.numel() * 4

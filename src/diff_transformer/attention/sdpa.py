@@ -61,12 +61,52 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: fl
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, **kwargs)
 
 
-def _combine(o1: Tensor, o2: Tensor, lam: Tensor) -> Tensor:
-    """o1 - λ o2 in fp32, returned in o1's dtype. λ is 0-d or (B, H, N)."""
+def _combine_plain(o1: Tensor, o2: Tensor, lam: Tensor) -> Tensor:
+    """o1 - λ o2 in fp32, returned in o1's dtype, as plain ops. λ is 0-d or (B, H, N)."""
     lam = lam.float()
     if lam.dim() == 3:
         lam = lam[..., None]  # (B, H, N, 1)
     return (o1.float() - lam * o2.float()).to(o1.dtype)
+
+
+class _Combine(torch.autograd.Function):
+    """:func:`_combine_plain` keeping o2 as it is for the backward, not autograd's fp32 copy of it.
+
+    o2 is an SDPA output, which its call keeps anyway, so a half-precision DIFF through SDPA keeps 4 bytes
+    an element less. The backward is autograd's arithmetic for the plain ops, op for op (o1, o2 and λ each
+    have this one use), so the gradients are the same bits.
+    """
+
+    @staticmethod
+    def forward(ctx, o1: Tensor, o2: Tensor, lam: Tensor) -> Tensor:
+        lam_b = lam.float()
+        if lam_b.dim() == 3:
+            lam_b = lam_b[..., None]
+        ctx.save_for_backward(o2, lam_b)
+        ctx.dtypes = o1.dtype, o2.dtype, lam.dtype
+        ctx.lam_dim = lam.dim()
+        return (o1.float() - lam_b * o2.float()).to(o1.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        o2, lam_b = ctx.saved_tensors
+        d1, d2, dl = ctx.dtypes
+        g = grad.float()
+        neg = -g  # sub's backward for the subtrahend
+        g_o1 = g.to(d1) if ctx.needs_input_grad[0] else None
+        g_o2 = (neg * lam_b).to(d2) if ctx.needs_input_grad[1] else None
+        g_lam = None
+        if ctx.needs_input_grad[2]:
+            g_lam = (neg * o2.float()).sum_to_size(lam_b.shape)
+            g_lam = (g_lam.squeeze(-1) if ctx.lam_dim == 3 else g_lam).to(dl)
+        return g_o1, g_o2, g_lam
+
+
+def _combine(o1: Tensor, o2: Tensor, lam: Tensor) -> Tensor:
+    """o1 - λ o2 in fp32, returned in o1's dtype. λ is 0-d or (B, H, N)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (o1, o2, lam)):
+        return _Combine.apply(o1, o2, lam)
+    return _combine_plain(o1, o2, lam)
 
 
 def choose_pattern(q1: Tensor, k1: Tensor, k2: Tensor, v: Tensor) -> Pattern:
