@@ -56,16 +56,15 @@ class _RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, weight, rstd = ctx.saved_tensors
         xf = x.float()
-        xn = (xf * rstd).to(x.dtype)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            g = (dy * weight).to(xn.dtype).to(xf.dtype)  # mul, then the two casts' backward
+            g = (dy * weight).to(x.dtype).to(xf.dtype)  # mul, then the two casts' backward
             g_rstd = (g * xf).sum(-1, keepdim=True)  # mul backward, reduced to rstd's shape
             g_mean = (-0.5 * g_rstd) * rstd.pow(3)  # rsqrt backward
             g_sq = g_mean.expand_as(xf) / x.shape[-1]  # mean backward
             dx = (g * rstd + g_sq * (2 * xf)).to(x.dtype)  # x·rstd and pow(2) backward, summed
         if ctx.needs_input_grad[1]:
-            dw = (dy * xn).sum_to_size(weight.shape).to(weight.dtype)
+            dw = (dy * (xf * rstd).to(x.dtype)).sum_to_size(weight.shape).to(weight.dtype)
         return dx, dw, None
 
 

@@ -228,9 +228,15 @@ def _colour(i: int, n: int):
     return plt.get_cmap("tab10")(i % 10) if n <= 10 else plt.get_cmap("tab20")(i % 20)
 
 
-def _legend_outside(ax, fontsize: float = 7) -> None:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+def _legend_outside(axes, fontsize: float = 7) -> None:
+    """One legend, right of the last of ``axes``, for every labelled line in any of them (once a label)."""
+    seen = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    if seen:
+        axes[-1].legend(list(seen.values()), list(seen), fontsize=fontsize, loc="upper left",
+                        bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 PER_LAYER_MAX_VARIANTS = 3  # above this the instrumentation plot shows each variant's mean over layers
@@ -244,31 +250,24 @@ def plots(data: dict) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
 
     groups = data["groups"]
-    n = len(groups)
     out = []
     # Validation loss: the whole run, and its second half zoomed in (where the arms separate).
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1]})
-    tail_lo = tail_hi = None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    tail = []  # the second half's finite means, for its y range
     for i, (name, runs) in enumerate(groups.items()):
         tps = next(iter(runs.values()))["tokens_per_step"]
         xs, m, s = _mean_band([r["eval_curve"] for r in runs.values()])
         if not xs:
             continue
-        toks = [x * tps for x in xs]
-        half = toks[-1] / 2
-        tail = [(t, a) for t, a in zip(toks, m) if t >= half and math.isfinite(a)]
-        for ax, pts in ((axes[0], list(zip(toks, m, s))), (axes[1], [p for p in zip(toks, m, s) if p[0] >= half])):
-            if not pts:
-                continue
+        whole = [(x * tps, a, b) for x, a, b in zip(xs, m, s)]
+        second = [p for p in whole if p[0] >= whole[-1][0] / 2]
+        tail += [a for _, a, _ in second if math.isfinite(a)]
+        for ax, pts in ((axes[0], whole), (axes[1], second)):
             t, a, b = zip(*pts)
-            ax.plot(t, a, color=_colour(i, n), marker="o", ms=2.5, lw=1.2,
-                    label=_tex_safe(f"{name} (n={len(runs)})") if ax is axes[1] else None)
-            ax.fill_between(t, [x - y for x, y in zip(a, b)], [x + y for x, y in zip(a, b)], color=_colour(i, n),
-                            alpha=0.15)
-        if tail:
-            lo, hi = min(a for _, a in tail), max(a for _, a in tail)
-            tail_lo = lo if tail_lo is None else min(tail_lo, lo)
-            tail_hi = hi if tail_hi is None else max(tail_hi, hi)
+            ax.plot(t, a, color=_colour(i, len(groups)), marker="o", ms=2.5, lw=1.2,
+                    label=_tex_safe(f"{name} (n={len(runs)})"))
+            ax.fill_between(t, [x - y for x, y in zip(a, b)], [x + y for x, y in zip(a, b)],
+                            color=_colour(i, len(groups)), alpha=0.15)
     from matplotlib.ticker import EngFormatter
 
     for ax, title in zip(axes, ("whole run", "second half")):
@@ -277,14 +276,14 @@ def plots(data: dict) -> list[tuple[str, str]]:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation loss (nats/token)")
-    if tail_lo is not None and tail_hi > tail_lo:
-        pad = 0.05 * (tail_hi - tail_lo)
-        axes[1].set_ylim(tail_lo - pad, tail_hi + pad)
-    _legend_outside(axes[1])
+    if tail and max(tail) > min(tail):
+        pad = 0.05 * (max(tail) - min(tail))
+        axes[1].set_ylim(min(tail) - pad, max(tail) + pad)
+    _legend_outside(axes)
     fig.tight_layout()
     out.append(("Validation loss per variant (mean ± std over seeds)", _png(fig)))
 
-    lam = {n_: r for n_, r in groups.items() if any(x["lambdas"] for x in r.values())}
+    lam = {n: r for n, r in groups.items() if any(x["lambdas"] for x in r.values())}
     if lam:
         cols = min(4, len(lam))
         rows = -(-len(lam) // cols)
@@ -304,7 +303,7 @@ def plots(data: dict) -> list[tuple[str, str]]:
         fig.tight_layout()
         out.append(("λ per layer during training (mean over seeds)", _png(fig)))
 
-    inst = {n_: r for n_, r in groups.items() if any(x["o_proj_in_rms"] for x in r.values())}
+    inst = {n: r for n, r in groups.items() if any(x["o_proj_in_rms"] for x in r.values())}
     if inst:
         per_layer = len(inst) <= PER_LAYER_MAX_VARIANTS
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -331,13 +330,7 @@ def plots(data: dict) -> list[tuple[str, str]]:
         for ax in axes:
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        seen = {}  # one legend for both panels: a variant without a norm has a line on the left only
-        for ax in axes:
-            for handle, label in zip(*ax.get_legend_handles_labels()):
-                seen.setdefault(label, handle)
-        if seen:
-            axes[1].legend(list(seen.values()), list(seen), fontsize=6 if per_layer else 7, loc="upper left",
-                           bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        _legend_outside(axes, 6 if per_layer else 7)  # a variant without a norm has a line on the left only
         fig.tight_layout()
         title = ("Instrumentation per layer (colour = variant, line style = layer; mean over seeds)" if per_layer else
                  "Instrumentation (colour = variant; mean over layers and seeds; per-layer values in metrics.jsonl)")

@@ -61,12 +61,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: fl
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, **kwargs)
 
 
+def _lam_rows(lam: Tensor) -> Tensor:
+    """λ in fp32, broadcastable against (B, H, N, dv): 0-d (V1) as is, (B, H, N) (V2) as (B, H, N, 1)."""
+    lam = lam.float()
+    return lam[..., None] if lam.dim() == 3 else lam
+
+
 def _combine_plain(o1: Tensor, o2: Tensor, lam: Tensor) -> Tensor:
     """o1 - λ o2 in fp32, returned in o1's dtype, as plain ops. λ is 0-d or (B, H, N)."""
-    lam = lam.float()
-    if lam.dim() == 3:
-        lam = lam[..., None]  # (B, H, N, 1)
-    return (o1.float() - lam * o2.float()).to(o1.dtype)
+    return (o1.float() - _lam_rows(lam) * o2.float()).to(o1.dtype)
 
 
 class _Combine(torch.autograd.Function):
@@ -79,26 +82,22 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, o1: Tensor, o2: Tensor, lam: Tensor) -> Tensor:
-        lam_b = lam.float()
-        if lam_b.dim() == 3:
-            lam_b = lam_b[..., None]
+        lam_b = _lam_rows(lam)
         ctx.save_for_backward(o2, lam_b)
-        ctx.dtypes = o1.dtype, o2.dtype, lam.dtype
-        ctx.lam_dim = lam.dim()
+        ctx.o1_dtype, ctx.lam_dtype = o1.dtype, lam.dtype
         return (o1.float() - lam_b * o2.float()).to(o1.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         o2, lam_b = ctx.saved_tensors
-        d1, d2, dl = ctx.dtypes
         g = grad.float()
         neg = -g  # sub's backward for the subtrahend
-        g_o1 = g.to(d1) if ctx.needs_input_grad[0] else None
-        g_o2 = (neg * lam_b).to(d2) if ctx.needs_input_grad[1] else None
+        g_o1 = g.to(ctx.o1_dtype) if ctx.needs_input_grad[0] else None
+        g_o2 = (neg * lam_b).to(o2.dtype) if ctx.needs_input_grad[1] else None
         g_lam = None
         if ctx.needs_input_grad[2]:
             g_lam = (neg * o2.float()).sum_to_size(lam_b.shape)
-            g_lam = (g_lam.squeeze(-1) if ctx.lam_dim == 3 else g_lam).to(dl)
+            g_lam = (g_lam.squeeze(-1) if lam_b.dim() == 4 else g_lam).to(ctx.lam_dtype)
         return g_o1, g_o2, g_lam
 
 
