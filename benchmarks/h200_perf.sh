@@ -4,12 +4,13 @@
 #
 #   OUT=runs/perf bash benchmarks/h200_perf.sh [STAGE ...]        # from the repository root
 #
-# Stages (all of them, in this order, without arguments; at most 22.5 min of the two GPUs by the limits):
-#   gpu1     on GPU 1 alone, one after another: the `auto` table (build, then check), attention.py --model-only
-#   gpu0     on GPU 0 alone, meanwhile: train_throughput.py compiled at the shapes not yet run compiled, eager
-#            and compiled at base-4k (the memory ratio after the RMSNorm change), then decode.py with HF rows
-#   both     after gpu0 and gpu1: multigpu.py --part largest (paper-1.4b, paper-2.8b), then --part scaling
-#            with --profile 10 (the FSDP2 host-bound check)
+# Stages (all of them, in this order, without arguments; at most ~20 min of the two GPUs by the limits):
+#   gpu1     on GPU 1 alone: the `auto` table again (build, then check; session 5 timed its inference rows with
+#            autograd recording), then attention.py --model-only
+#   gpu0     on GPU 0 alone, meanwhile: the trainer's compiled speed for both models at `base` 1K, one GPU
+#            (multigpu.py --part scaling --compile --two-gpu none: the 1-GPU runs only)
+#   both     after gpu0 and gpu1: FSDP2 compiled against one GPU for both models (the compile default), with
+#            the reshard settings; multigpu.py writes after every run, so a stopped command keeps its runs
 # Each command has its own time limit (LIMIT_* below), so a slow one cannot eat the session; a stopped
 # command keeps what it had written. Results go to $OUT/*.json; copy the ones to keep into benchmarks/results/.
 set -uo pipefail
@@ -36,19 +37,14 @@ gpu1() {
 
 gpu0() {
   export CUDA_VISIBLE_DEVICES=0
-  run 360 throughput-compiled python benchmarks/train_throughput.py --warmup 3 --steps 10 --modes compiled \
-    --shapes 542m-4k base-4k small-1k --out "$OUT/train-throughput-compiled.json"
-  run 90 throughput-base4k-eager python benchmarks/train_throughput.py --warmup 3 --steps 10 --modes eager \
-    --shapes base-4k --out "$OUT/train-throughput-base4k-eager.json"
-  run 240 decode python benchmarks/decode.py --batches 1 32 --prompt 512 --new 64 --repeats 2 --out "$OUT/decode.json"
+  run 300 compile-1gpu python benchmarks/multigpu.py --part scaling --compile --two-gpu none --steps 50 --skip 15 \
+    --work-dir "$OUT/mg-1" --out "$OUT/multigpu-compile-1gpu.json"
 }
 
 both() {
   unset CUDA_VISIBLE_DEVICES
-  run 360 multigpu-largest python benchmarks/multigpu.py --part largest --layouts paper-1.4b,paper-2.8b \
-    --work-dir "$OUT/mg" --out "$OUT/multigpu-largest.json"
-  run 300 multigpu-profile python benchmarks/multigpu.py --part scaling --steps 60 --skip 20 --profile 10 \
-    --work-dir "$OUT/mg" --out "$OUT/multigpu-profile.json"
+  run 420 multigpu-compile python benchmarks/multigpu.py --part scaling --compile --two-gpu ddp,fsdp \
+    --fsdp-reshard auto,never --steps 50 --skip 15 --work-dir "$OUT/mg-2" --out "$OUT/multigpu-compile.json"
 }
 
 stages=("$@")

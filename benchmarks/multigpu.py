@@ -7,6 +7,7 @@ Run from the repository root on a machine with two GPUs (``nvidia-h200-x2``); ea
     python benchmarks/multigpu.py --part largest --layouts paper-1.4b,paper-2.8b   # FSDP2 + AC on 2 GPUs, then DDP
     python benchmarks/multigpu.py --part largest --layouts paper-6.8b              # (~5 min: a 78 GB checkpoint)
     python benchmarks/multigpu.py --smoke              # the same code on the CPU: gloo, 2 processes, tiny (~1 min)
+    python benchmarks/multigpu.py --collect WORK_DIR --out F.json  # summarise the run folders a stopped command left
 
 Every run is the ordinary ``train`` command (``torchrun --standalone --nproc_per_node 2 -m
 diff_transformer.cli train ... parallel=ddp|fsdp`` for two GPUs) with its config written to a JSON file.
@@ -62,6 +63,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--skip", type=int, default=20, help="warm-up steps left out of tokens/s")
     p.add_argument("--compile", action="store_true", help="train.compile=true (torch.compile per block)")
+    p.add_argument("--models", default="diff,baseline", help="models of --part scaling (of the matched pair)")
+    p.add_argument("--two-gpu", default="ddp,fsdp",
+                   help="the 2-GPU runs of --part scaling beside the 1-GPU one (none: the 1-GPU run only)")
+    p.add_argument("--fsdp-reshard", default="auto",
+                   help="train.fsdp_reshard values, one FSDP2 run each (named fsdp for auto, fsdp-VALUE otherwise)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="trace N steps of each scaling run (train.profile_steps; steps 6 to 5+N, inside the "
                         "--skip warm-up, so tokens/s are unaffected) and add rank 0's top operators to the JSON")
@@ -73,6 +79,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=None, help="runs and token shards (default: a temp dir)")
     p.add_argument("--out", type=Path, default=None, help="JSON file (default: benchmarks/results/multigpu-h200x2.json)")
     p.add_argument("--timeout", type=int, default=540, help="seconds one training run may take")
+    p.add_argument("--collect", type=Path, default=None, metavar="WORK_DIR",
+                   help="no training: summarise the scaling run folders in WORK_DIR (from --work-dir) into --out")
     return p.parse_args()
 
 
@@ -174,6 +182,40 @@ def curve_difference(a: list, b: list) -> dict | None:
             "final_abs": diffs[-1][0], "steps_compared": len(diffs)}
 
 
+def scaling_section(settings: dict, results: dict) -> dict:
+    """The ``scaling`` record: each model's runs, and each 2-GPU run's speed-up and loss curve against
+    the same model's 1-GPU run."""
+    speedups, curves = {}, {}
+    for name, runs in results.items():
+        one = runs.get("1gpu")
+        for mode, two in runs.items():
+            if mode == "1gpu" or one is None:
+                continue
+            speedups[f"{name}/{mode}"] = (two["tokens_per_s"] / one["tokens_per_s"]
+                                          if two["tokens_per_s"] and one["tokens_per_s"] else None)
+            curves[f"{name}/{mode}"] = curve_difference(one["loss_curve"], two["loss_curve"])
+    return {"settings": settings, "results": results, "speedup_2_over_1": speedups, "target_speedup": TARGET_SPEEDUP,
+            "meets_target": {k: v is not None and v >= TARGET_SPEEDUP for k, v in speedups.items()},
+            "loss_curve_2_vs_1": curves}
+
+
+def collect(work: Path, skip: int) -> dict:
+    """Summaries of the run folders ``MODEL-1`` and ``MODEL-MODE`` in ``work`` (an invocation stopped by a
+    time limit before it wrote them): what each metrics.jsonl and profile hold; no nvidia-smi readings."""
+    results = {}
+    for path in sorted(work.glob("*-*/metrics.jsonl")):
+        name, mode = path.parent.name.split("-", 1)
+        if name not in ("diff", "baseline"):
+            continue
+        metrics = [json.loads(line) for line in path.read_text().splitlines()]
+        finished = any(m["kind"] == "summary" for m in metrics)
+        run = {"returncode": 0 if finished else "stopped", "wall_seconds": None, "metrics": metrics,
+               "gpu_peak_used_mib": {}, "profile": _profile(path.parent), "checkpoint": None,
+               "out_of_memory": False, "errors": None}
+        results.setdefault(name, {})["1gpu" if mode == "1" else mode] = summary(run, skip)
+    return results
+
+
 def write(path: Path, key: str, value) -> dict:
     """Put ``value`` under ``key`` of the JSON file ``path`` (kept between parts) and return the whole."""
     record = json.loads(path.read_text()) if path.is_file() else {}
@@ -185,8 +227,17 @@ def write(path: Path, key: str, value) -> dict:
 
 def main() -> int:
     args = parse_args()
+    if args.collect is not None:
+        results = collect(args.collect, args.skip)
+        if not results:
+            print(f"error: no run folders (diff-1, diff-ddp, ...) with a metrics.jsonl in {args.collect}", file=sys.stderr)
+            return 2
+        out = args.out or ROOT / "benchmarks/results/multigpu-h200x2.json"
+        write(out, "scaling", scaling_section({"collected_from_run_folders": True, "skip_steps": args.skip}, results))
+        print(f"wrote {out}")
+        return 0
     gpus = torch.cuda.device_count()
-    if not args.smoke and gpus < 2:
+    if not args.smoke and gpus < (1 if args.two_gpu == "none" else 2):
         print(f"error: {gpus} GPU(s) visible: run on a machine with two (or pass --smoke for the CPU check)",
               file=sys.stderr)
         return 2
@@ -233,30 +284,32 @@ def main() -> int:
             train_cfg = TrainConfig(batch_size=batch, seq_len=seq, steps=steps, warmup_steps=max(1, steps // 10),
                                     eval_every=0, eval_batches=eval_batches, ckpt_every=0, log_every=1,
                                     compile=args.compile, profile_steps=args.profile, seed=0, device=device)
-            results, speedups, curves = {}, {}, {}
+            modes = args.two_gpu.split(",")
+            two_gpu = {**({"ddp": ["parallel=ddp"]} if "ddp" in modes else {}), **({
+                ("fsdp" if r == "auto" else f"fsdp-{r}"): ["parallel=fsdp", f"fsdp_reshard={r}"]
+                for r in args.fsdp_reshard.split(",")} if "fsdp" in modes else {})}
+            settings = {"preset": "tiny (smoke)" if args.smoke else args.preset, "steps": steps,
+                        "global_batch": batch, "seq_len": seq, "tokens_per_step": batch * seq, "skip_steps": skip,
+                        "dtype": "bf16 (autocast; FSDP2: bf16 params, fp32 reductions)" if not args.smoke else "fp32",
+                        "compile": args.compile, "optimizer": "AdamW, fused on CUDA",
+                        "fsdp_reshard": {k: v[1].split("=")[1] for k, v in two_gpu.items() if k != "ddp"},
+                        "tokenizer": data.tokenizer, "data": source}
+            results = {}
+            section = scaling_section(settings, results)
             for name, model in zip(("diff", "baseline"), matched_pair(base)):
+                if name not in args.models.split(","):
+                    continue
                 cfg = config(name, model, train_cfg)
-                runs = {"1gpu": train(cfg, work / f"{name}-1", 1, [], cache, args.timeout)}
-                for mode in ("ddp", "fsdp"):
-                    runs[mode] = train(cfg, work / f"{name}-{mode}", 2, [f"parallel={mode}"], cache, args.timeout)
-                results[name] = {k: summary(r, skip) for k, r in runs.items()}
-                one = results[name]["1gpu"]
-                for mode in ("ddp", "fsdp"):
-                    two = results[name][mode]
-                    speedups[f"{name}/{mode}"] = (two["tokens_per_s"] / one["tokens_per_s"]
-                                                  if two["tokens_per_s"] and one["tokens_per_s"] else None)
-                    curves[f"{name}/{mode}"] = curve_difference(one["loss_curve"], two["loss_curve"])
+                results[name] = {}
+                for mode, procs, sets in [("1gpu", 1, []), *((m, 2, v) for m, v in two_gpu.items())]:
+                    run = train(cfg, work / f"{name}-{'1' if mode == '1gpu' else mode}", procs, sets, cache, args.timeout)
+                    results[name][mode] = summary(run, skip)
+                    section = scaling_section(settings, results)  # after every run: a stopped command keeps it
+                    write(out, "scaling", section)
                 print(name, json.dumps({k: [v["ok"], v["tokens_per_s"], v["peak_memory_mib_rank0"]]
                                         for k, v in results[name].items()}), flush=True)
-            write(out, "scaling", {
-                "settings": {"preset": "tiny (smoke)" if args.smoke else args.preset, "steps": steps,
-                             "global_batch": batch, "seq_len": seq, "tokens_per_step": batch * seq, "skip_steps": skip,
-                             "dtype": "bf16 (autocast; FSDP2: bf16 params, fp32 reductions)" if not args.smoke else "fp32",
-                             "compile": args.compile, "tokenizer": data.tokenizer, "data": source},
-                "results": results, "speedup_2_over_1": speedups, "target_speedup": TARGET_SPEEDUP,
-                "meets_target": {k: v is not None and v >= TARGET_SPEEDUP for k, v in speedups.items()},
-                "loss_curve_2_vs_1": curves})
-            print("speed-up 2/1:", json.dumps(speedups), "\nloss curves 2 vs 1:", json.dumps(curves), flush=True)
+            print("speed-up 2/1:", json.dumps(section["speedup_2_over_1"]), "\nloss curves 2 vs 1:",
+                  json.dumps(section["loss_curve_2_vs_1"]), flush=True)
         if args.part in ("largest", "all"):
             large_steps, large_batch, large_seq = large
             train_cfg = TrainConfig(batch_size=large_batch, seq_len=large_seq, steps=large_steps, warmup_steps=1,

@@ -49,20 +49,32 @@ def test_shipped_table_loads_with_its_metadata():
     assert meta["gpu"] == "NVIDIA H200"
     for key in AUTO_MAX_KEYS:
         assert list(t.ranges[key]) == [128, 64]
-    d64 = [e for e in t.document["entries"] if e["head_dim"] == 64]
-    assert len(d64) == 4 and all(e["note"] == "not measured at d=64 yet; copied from d=128" for e in d64)
+    # Built by `attention.py --auto-table --write-table` on an H200: every entry measured from 512 to 16K keys.
+    assert all(e["measured_n"] == [512, 1024, 2048, 4096, 8192, 16384] for e in t.document["entries"])
 
 
 @pytest.mark.parametrize("which", ["shipped", "fallback"])
 def test_table_keeps_the_thresholds_at_every_shape(which):
-    """Seeded from the d=128 thresholds: until a GPU re-measures, auto chooses as it did before."""
+    """The fallback is the thresholds auto used before the table. At head dim 128 the H200 measurement
+    of the shipped table found the same winners at every N (2026-11-30)."""
     t = auto_table.TABLE if which == "shipped" else auto_table.parse(auto_table.thresholds_document())
     for (variant, mode) in AUTO_MAX_KEYS:
-        for d in (16, 32, 64, 128):
+        for d in (128,) if which == "shipped" else (16, 32, 64, 128):
             for m in KEY_LENGTHS:
                 for n in {1, 15, 16, min(m, 512), m}:
                     assert choose(variant, mode, d, n, m, t) == thresholds_choice(variant, mode, n, m), \
                         (variant, mode, d, n, m)
+
+
+def test_shipped_table_at_head_dim_64():
+    """What the H200 measured at d = 64 (benchmarks/results/auto-table-h200-build.json): the V1 kernel wins
+    training up to 16K keys; V2's training only up to 2K, where d = 128 keeps it to 4K."""
+    t = auto_table.TABLE
+    assert choose("v1", "train", 64, 4096, 16384, t) == "triton"
+    assert choose("v1", "train", 64, 4096, 16385, t) == "sdpa"
+    assert choose("v2", "train", 64, 2048, 2048, t) == "triton"
+    assert choose("v2", "train", 64, 4096, 4096, t) == "sdpa"
+    assert choose("v2", "train", 128, 4096, 4096, t) == "triton"
 
 
 # The choice follows the table --------------------------------------------------------------------

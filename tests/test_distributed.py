@@ -173,3 +173,19 @@ def test_fsdp_with_activation_checkpointing_trains_like_one_process(setup):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for a, b in zip(records(single), records(out), strict=True):
         assert b[:2] == a[:2] and b[2] == pytest.approx(a[2], rel=RTOL), (a, b)
+
+
+@pytest.mark.parametrize("reshard", ["never", "always"])
+def test_fsdp_reshard_choices_train_like_one_process(setup, reshard):
+    """`train.fsdp_reshard` (the other tests run its default, auto) changes when FSDP2 frees the gathered
+    weights, not what is trained. Under `never` an evaluation leaves every block gathered; the trainer
+    reshards them, so the λ read from the shards and the checkpoint written after it stay right."""
+    root, args, single = setup
+    out = root / f"fsdp-{reshard}"
+    proc = torchrun([*args, "parallel=fsdp", f"fsdp_reshard={reshard}"], out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for a, b in zip(records(single), records(out), strict=True):
+        assert b[:2] == a[:2] and b[2] == pytest.approx(a[2], rel=RTOL), (a, b)
+    lams = [[m["lambdas"] for m in rundir.read_metrics(r) if m["kind"] == "eval"] for r in (single, out)]
+    assert len(lams[0]) == 3 and all(b == pytest.approx(a, rel=1e-5) for a, b in zip(*lams))
+    assert max_rel_diff(single, out, "model.safetensors") <= WEIGHT_RTOL

@@ -19,6 +19,7 @@ from ..data import DataConfig
 Schedule = Literal["cosine", "linear", "constant"]
 Dtype = Literal["auto", "fp32", "bf16"]
 Parallel = Literal["auto", "none", "ddp", "fsdp"]
+FsdpReshard = Literal["auto", "always", "never"]
 OnBadSteps = Literal["rollback", "stop"]
 
 
@@ -46,13 +47,19 @@ class TrainConfig:
     keep_last: int = 2  # complete checkpoints kept; >= 2 so a corrupt newest one has a fallback
     seed: int = 0  # model init and data order; a DIFF model and its baseline share it
     dtype: Dtype = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False  # torch.compile each block (in train/parallelize.py, before FSDP2 wraps it)
+    # torch.compile each block (train/parallelize.py, before FSDP2 wraps it); auto: on CUDA, off on the CPU.
+    # The same for every model of a comparison: DIFF and its baseline are compiled alike.
+    compile: bool | Literal["auto"] = "auto"
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     log_every: int = 10  # steps between training-loss records in metrics.jsonl
     profile_steps: int = 0  # > 0: trace that many steps with torch.profiler into RUN/profile/ (train/profiling.py)
     max_bad_steps: int = 5  # consecutive non-finite steps tolerated before `on_bad_steps`
     on_bad_steps: OnBadSteps = "rollback"  # reload the last good checkpoint, or stop
     parallel: Parallel = "auto"  # under torchrun: auto = ddp; fsdp shards parameters (FSDP2)
+    # FSDP2: free each block's gathered parameters after its forward (always), keep them for the backward
+    # (never: one all-gather a block a step less, the blocks' bf16 weights whole on every GPU), or every
+    # block but the last, whose backward comes right after its forward (auto)
+    fsdp_reshard: FsdpReshard = "auto"
     device: str = "auto"  # auto: cuda if available else cpu
     init_from: str | None = None  # model folder whose weights start the run (fine-tuning); None = init from seed
 
@@ -62,6 +69,8 @@ class TrainConfig:
             if tp is float and isinstance(getattr(self, name), int):
                 setattr(self, name, float(getattr(self, name)))
         _check_literals(self)
+        if isinstance(self.compile, str) and self.compile != "auto":
+            raise ConfigError(f"train.compile={self.compile!r} is not one of [true, false, 'auto']")
         for name in ("batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last", "log_every", "max_bad_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -118,7 +127,7 @@ def _check_literals(obj: Any) -> None:
 # Keys that may change when a run is resumed: they do not change what is trained (grad_accum splits the
 # same global batch into other micro-batches: e.g. twice the accumulation on half the GPUs).
 RESUMABLE_CHANGES = frozenset(
-    {"train.log_every", "train.ckpt_every", "train.keep_last", "train.compile", "train.parallel", "train.profile_steps",
+    {"train.log_every", "train.ckpt_every", "train.keep_last", "train.compile", "train.parallel", "train.fsdp_reshard", "train.profile_steps",
      "train.activation_checkpointing", "train.grad_accum",
      "train.max_bad_steps", "train.on_bad_steps", "train.eval_every", "train.device"}
 )

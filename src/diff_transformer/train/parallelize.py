@@ -102,7 +102,7 @@ def choose(mode: Parallel, info: DistInfo) -> str:
 
 
 def parallelize(model: nn.Module, mode: str, info: DistInfo, *, mixed_precision: bool = False,
-                activation_checkpointing: bool = False, compile: bool = False) -> nn.Module:
+                activation_checkpointing: bool = False, compile: bool = False, reshard: str = "auto") -> nn.Module:
     """Wrap ``model`` (already on ``info.device``) for ``mode``; returns the module the trainer calls.
 
     Per block, in this order (torchtitan's): activation checkpointing (the block's activations are
@@ -111,11 +111,17 @@ def parallelize(model: nn.Module, mode: str, info: DistInfo, *, mixed_precision:
     (embedding, final norm and head). ``mixed_precision`` (FSDP2 only; the trainer sets it when it runs
     under bf16 autocast, which it needs): the blocks' parameters are all-gathered and used in bf16,
     gradients reduced in fp32, fp32 master weights and AdamW moments in the shards. DDP and one process
-    use fp32 parameters under the same autocast. FSDP2 shards in place and returns ``model``; DDP returns
+    use fp32 parameters under the same autocast. ``reshard`` (FSDP2 only, ``train.fsdp_reshard``): which
+    blocks free their gathered parameters after the forward and gather them again for the backward:
+    ``always``; ``never`` (ZeRO-2's trade: one all-gather a block a step less, the blocks' bf16 weights held
+    whole between forward and backward); ``auto``, every block but the last, whose backward starts right
+    after its forward (torchtitan's default). FSDP2 shards in place and returns ``model``; DDP returns
     its wrapper. The model itself knows nothing of any of this.
     """
     if mode not in ("none", "ddp", "fsdp"):
         raise UserError(f"train.parallel={mode!r} is not one of ['auto', 'none', 'ddp', 'fsdp']")
+    if reshard not in ("auto", "always", "never"):
+        raise UserError(f"train.fsdp_reshard={reshard!r} is not one of ['auto', 'always', 'never']")
     for i, block in enumerate(model.layers):
         if activation_checkpointing:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -139,10 +145,21 @@ def parallelize(model: nn.Module, mode: str, info: DistInfo, *, mixed_precision:
     # root (embedding, final norm, head) keeps fp32 parameters, also as on one GPU.
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
               if mixed_precision else MixedPrecisionPolicy())
-    for block in model.layers:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model)
+    last = len(model.layers) - 1
+    for i, block in enumerate(model.layers):
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard == "always" or (reshard == "auto" and i < last))
+    fully_shard(model)  # the root keeps its parameters gathered from forward to backward (FSDP2's rule)
     return model
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Free the gathered parameters a forward without a backward left behind (an evaluation under
+    ``train.fsdp_reshard`` auto or never): every parameter is a shard again, as after a training step."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 @contextlib.contextmanager

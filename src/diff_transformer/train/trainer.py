@@ -50,7 +50,7 @@ from .config import RunConfig
 from .evaluate import validation_loss
 from .optim import build_optimizer, lr_at, set_lr
 from .parallelize import (DistInfo, all_reduce, barrier, choose, destroy_distributed, gradient_sync, init_distributed,
-                          parallelize)
+                          parallelize, reshard_all)
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -179,8 +179,10 @@ class Trainer:
         if cfg.init_from is not None:
             load_initial_weights(self.model, cfg.init_from)
         self.model = self.model.to(self.device)
+        self.compiled = cfg.compile if isinstance(cfg.compile, bool) else self.device.type == "cuda"
         self.wrapped = parallelize(self.model, self.mode, info, mixed_precision=self.amp,
-                                   activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
+                                   activation_checkpointing=cfg.activation_checkpointing, compile=self.compiled,
+                                   reshard=cfg.fsdp_reshard)
         self.forward = self.wrapped
         # Evaluation runs outside DDP (no gradients to synchronise); FSDP needs its wrapper.
         self._eval_model = self.wrapped if self.mode != "ddp" else self.model
@@ -202,10 +204,16 @@ class Trainer:
         self._step_times: list[float] = []  # this session's step times (s), for the median speed
         self._session_tokens = 0
         self._tb = None
-        self._o_proj_sq: list[list[torch.Tensor]] = [[] for _ in self.model.layers]
+        # Per layer, o_proj's summed input mean squares and their count, as buffers of o_proj (kept out of
+        # the state dict). One hook for every layer, torch.compile traces it into each block's graph: a
+        # per-layer closure or a graph break made the compiled block code recompile per layer, past
+        # torch.compile's limit of 8 (DIFF at `base` then trained at 0.63x its eager speed on an H200).
         self._instrumenting = False
-        for i, layer in enumerate(self.model.layers):
-            layer.self_attn.o_proj.register_forward_pre_hook(self._o_proj_hook(i))
+        for layer in self.model.layers:
+            o_proj = layer.self_attn.o_proj
+            for name in ("_sq_sum", "_sq_count"):
+                o_proj.register_buffer(name, torch.zeros((), device=self.device), persistent=False)
+            o_proj.register_forward_pre_hook(self._o_proj_pre_hook)
 
     # State ------------------------------------------------------------------------------------
     def _opts(self, strict: bool = True) -> StateDictOptions:
@@ -309,13 +317,17 @@ class Trainer:
                             "free some space and rerun the same command to resume") from None
 
     # Instrumentation --------------------------------------------------------------------------
-    def _o_proj_hook(self, layer: int):
-        """A pre-hook keeping the mean square of ``o_proj``'s input on log steps (stays on the device)."""
+    def _o_proj_pre_hook(self, module: torch.nn.Module, args: tuple) -> None:
+        """On log steps, add the mean square of ``o_proj``'s input to the module's sums (on the device)."""
+        if self._instrumenting:
+            module._sq_sum.add_(args[0].detach().float().square().mean())
+            module._sq_count.add_(1)
 
-        def hook(module, args):
-            if self._instrumenting:
-                self._o_proj_sq[layer].append(args[0].detach().float().square().mean())
-        return hook
+    @torch.no_grad()
+    def _reset_instruments(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.o_proj._sq_sum.zero_()
+            layer.self_attn.o_proj._sq_count.zero_()
 
     @torch.no_grad()
     def instruments(self) -> dict:
@@ -323,15 +335,15 @@ class Trainer:
         the mean of the per-head norm's weight (None without one). One device-to-host transfer."""
         layers = self.model.layers
         values, has_norm = [], []
-        for i, layer in enumerate(layers):
-            sq = self._o_proj_sq[i]
-            values.append(torch.stack(sq).mean().sqrt() if sq else torch.full((), math.nan, device=self.device))
+        for layer in layers:
+            o_proj = layer.self_attn.o_proj
+            values.append((o_proj._sq_sum / o_proj._sq_count).sqrt())  # nan when nothing was recorded
             norm = layer.self_attn.head_norm
             has_norm.append(norm is not None)
             if norm is not None:
                 w = norm.weight.full_tensor() if hasattr(norm.weight, "full_tensor") else norm.weight
                 values.append(w.detach().float().mean())
-        self._o_proj_sq = [[] for _ in layers]
+        self._reset_instruments()
         flat = torch.stack(values).tolist() if values else []
         rms, gains, k = [], [], 0
         for norm in has_norm:
@@ -412,6 +424,8 @@ class Trainer:
         micro = max(1, cfg.batch_size // (self.dist.world_size * cfg.grad_accum))
         val_loss, _ = validation_loss(self._eval_model, self.dataset.val, micro, cfg.seq_len,
                                       cfg.eval_batches * cfg.batch_size // micro, self.device, self.amp)
+        if self.mode == "fsdp":
+            reshard_all(self.model)  # blocks that keep their gathered weights for a backward got none
         return {"kind": "eval", "step": self.step, "val_loss": val_loss,
                 "val_ppl": math.exp(min(val_loss, 700.0)), "lambdas": self.lambdas()}
 
@@ -543,7 +557,7 @@ class Trainer:
                                  "train_seconds_total": self._train_time_total, "step_seconds": step_time,
                                  **self.instruments()})
                 if not log_step or not finite:
-                    self._o_proj_sq = [[] for _ in self.model.layers]
+                    self._reset_instruments()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
@@ -582,7 +596,7 @@ class Trainer:
         self.record({"kind": "summary", "step": self.step, "tokens_per_s": result.tokens_per_s,
                      "peak_memory_mb": result.peak_memory_mb, "train_seconds": self._train_time,
                      "train_seconds_total": self._train_time_total, "median_step_seconds": median,
-                     "steps_timed": len(self._step_times),
+                     "steps_timed": len(self._step_times), "compiled": self.compiled,
                      "tokens_per_s_median": cfg.tokens_per_step / median if median else None})
         return result
 
