@@ -10,7 +10,8 @@
 #   gpu0     on GPU 0 alone, meanwhile: the trainer's compiled speed for both models at `base` 1K, one GPU
 #            (multigpu.py --part scaling --compile --two-gpu none: the 1-GPU runs only)
 #   both     after gpu0 and gpu1: FSDP2 compiled against one GPU for both models (the compile default), with
-#            the reshard settings; multigpu.py writes after every run, so a stopped command keeps its runs
+#            reshard settings and 1, 5 and 10 blocks a unit (the host-bound check); multigpu.py writes after
+#            every run, so a stopped command keeps its runs
 # Each command has its own time limit (LIMIT_* below), so a slow one cannot eat the session; a stopped
 # command keeps what it had written. Results go to $OUT/*.json; copy the ones to keep into benchmarks/results/.
 set -uo pipefail
@@ -44,7 +45,7 @@ gpu0() {
 both() {
   unset CUDA_VISIBLE_DEVICES
   run 420 multigpu-compile python benchmarks/multigpu.py --part scaling --compile --two-gpu ddp,fsdp \
-    --fsdp-reshard auto,never --steps 50 --skip 15 --work-dir "$OUT/mg-2" --out "$OUT/multigpu-compile.json"
+    --fsdp auto,never,auto/5,never/10 --steps 50 --skip 15 --work-dir "$OUT/mg-2" --out "$OUT/multigpu-compile.json"
 }
 
 stages=("$@")

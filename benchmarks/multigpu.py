@@ -66,8 +66,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--models", default="diff,baseline", help="models of --part scaling (of the matched pair)")
     p.add_argument("--two-gpu", default="ddp,fsdp",
                    help="the 2-GPU runs of --part scaling beside the 1-GPU one (none: the 1-GPU run only)")
-    p.add_argument("--fsdp-reshard", default="auto",
-                   help="train.fsdp_reshard values, one FSDP2 run each (named fsdp for auto, fsdp-VALUE otherwise)")
+    p.add_argument("--fsdp", default="auto", metavar="RESHARD[/BLOCKS],...",
+                   help="FSDP2 runs, one for each train.fsdp_reshard value, optionally with train.fsdp_blocks_per_unit "
+                        "(e.g. auto,never,auto/5); named fsdp for auto, else fsdp-RESHARD[-uBLOCKS]")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="trace N steps of each scaling run (train.profile_steps; steps 6 to 5+N, inside the "
                         "--skip warm-up, so tokens/s are unaffected) and add rank 0's top operators to the JSON")
@@ -182,6 +183,13 @@ def curve_difference(a: list, b: list) -> dict | None:
             "final_abs": diffs[-1][0], "steps_compared": len(diffs)}
 
 
+def fsdp_run(spec: str) -> tuple[str, list[str]]:
+    """``RESHARD[/BLOCKS]`` -> (run name, --set items): auto -> fsdp; never/5 -> fsdp-never-u5."""
+    reshard, _, blocks = spec.partition("/")
+    name = "fsdp" if spec == "auto" else f"fsdp-{reshard}" + (f"-u{blocks}" if blocks else "")
+    return name, ["parallel=fsdp", f"fsdp_reshard={reshard}", *([f"fsdp_blocks_per_unit={blocks}"] if blocks else [])]
+
+
 def scaling_section(settings: dict, results: dict) -> dict:
     """The ``scaling`` record: each model's runs, and each 2-GPU run's speed-up and loss curve against
     the same model's 1-GPU run."""
@@ -285,14 +293,13 @@ def main() -> int:
                                     eval_every=0, eval_batches=eval_batches, ckpt_every=0, log_every=1,
                                     compile=args.compile, profile_steps=args.profile, seed=0, device=device)
             modes = args.two_gpu.split(",")
-            two_gpu = {**({"ddp": ["parallel=ddp"]} if "ddp" in modes else {}), **({
-                ("fsdp" if r == "auto" else f"fsdp-{r}"): ["parallel=fsdp", f"fsdp_reshard={r}"]
-                for r in args.fsdp_reshard.split(",")} if "fsdp" in modes else {})}
+            two_gpu = {**({"ddp": ["parallel=ddp"]} if "ddp" in modes else {}),
+                       **(dict(fsdp_run(spec) for spec in args.fsdp.split(",")) if "fsdp" in modes else {})}
             settings = {"preset": "tiny (smoke)" if args.smoke else args.preset, "steps": steps,
                         "global_batch": batch, "seq_len": seq, "tokens_per_step": batch * seq, "skip_steps": skip,
                         "dtype": "bf16 (autocast; FSDP2: bf16 params, fp32 reductions)" if not args.smoke else "fp32",
                         "compile": args.compile, "optimizer": "AdamW, fused on CUDA",
-                        "fsdp_reshard": {k: v[1].split("=")[1] for k, v in two_gpu.items() if k != "ddp"},
+                        "fsdp_runs": {k: v[1:] for k, v in two_gpu.items() if k != "ddp"},
                         "tokenizer": data.tokenizer, "data": source}
             results = {}
             section = scaling_section(settings, results)

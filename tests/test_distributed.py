@@ -175,14 +175,15 @@ def test_fsdp_with_activation_checkpointing_trains_like_one_process(setup):
         assert b[:2] == a[:2] and b[2] == pytest.approx(a[2], rel=RTOL), (a, b)
 
 
-@pytest.mark.parametrize("reshard", ["never", "always"])
-def test_fsdp_reshard_choices_train_like_one_process(setup, reshard):
-    """`train.fsdp_reshard` (the other tests run its default, auto) changes when FSDP2 frees the gathered
-    weights, not what is trained. Under `never` an evaluation leaves every block gathered; the trainer
-    reshards them, so the λ read from the shards and the checkpoint written after it stay right."""
+@pytest.mark.parametrize("reshard,per_unit", [("never", 1), ("always", 1), ("auto", 2)])
+def test_fsdp_reshard_and_units_train_like_one_process(setup, reshard, per_unit):
+    """`train.fsdp_reshard` and `train.fsdp_blocks_per_unit` (the other tests run their defaults: auto, one
+    block a unit) change when and in what groups FSDP2 gathers and frees the weights, not what is trained.
+    Under `never` an evaluation leaves every block gathered; the trainer reshards them, so the λ read
+    from the shards and the checkpoint written after it stay right. Two blocks a unit: one unit here."""
     root, args, single = setup
-    out = root / f"fsdp-{reshard}"
-    proc = torchrun([*args, "parallel=fsdp", f"fsdp_reshard={reshard}"], out)
+    out = root / f"fsdp-{reshard}-{per_unit}"
+    proc = torchrun([*args, "parallel=fsdp", f"fsdp_reshard={reshard}", f"fsdp_blocks_per_unit={per_unit}"], out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for a, b in zip(records(single), records(out), strict=True):
         assert b[:2] == a[:2] and b[2] == pytest.approx(a[2], rel=RTOL), (a, b)

@@ -102,7 +102,8 @@ def choose(mode: Parallel, info: DistInfo) -> str:
 
 
 def parallelize(model: nn.Module, mode: str, info: DistInfo, *, mixed_precision: bool = False,
-                activation_checkpointing: bool = False, compile: bool = False, reshard: str = "auto") -> nn.Module:
+                activation_checkpointing: bool = False, compile: bool = False, reshard: str = "auto",
+                blocks_per_unit: int = 1) -> nn.Module:
     """Wrap ``model`` (already on ``info.device``) for ``mode``; returns the module the trainer calls.
 
     Per block, in this order (torchtitan's): activation checkpointing (the block's activations are
@@ -115,8 +116,10 @@ def parallelize(model: nn.Module, mode: str, info: DistInfo, *, mixed_precision:
     blocks free their gathered parameters after the forward and gather them again for the backward:
     ``always``; ``never`` (ZeRO-2's trade: one all-gather a block a step less, the blocks' bf16 weights held
     whole between forward and backward); ``auto``, every block but the last, whose backward starts right
-    after its forward (torchtitan's default). FSDP2 shards in place and returns ``model``; DDP returns
-    its wrapper. The model itself knows nothing of any of this.
+    after its forward (torchtitan's default). ``blocks_per_unit`` (FSDP2 only): consecutive blocks sharded
+    as one unit, one all-gather and one reduce-scatter for all of them (``reshard`` then applies per unit).
+    FSDP2 shards in place and returns ``model``; DDP returns its wrapper. The model itself knows nothing
+    of any of this.
     """
     if mode not in ("none", "ddp", "fsdp"):
         raise UserError(f"train.parallel={mode!r} is not one of ['auto', 'none', 'ddp', 'fsdp']")
@@ -145,9 +148,13 @@ def parallelize(model: nn.Module, mode: str, info: DistInfo, *, mixed_precision:
     # root (embedding, final norm, head) keeps fp32 parameters, also as on one GPU.
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
               if mixed_precision else MixedPrecisionPolicy())
-    last = len(model.layers) - 1
-    for i, block in enumerate(model.layers):
-        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard == "always" or (reshard == "auto" and i < last))
+    if not isinstance(blocks_per_unit, int) or blocks_per_unit < 1:
+        raise UserError(f"train.fsdp_blocks_per_unit={blocks_per_unit!r} must be a positive integer")
+    blocks = list(model.layers)
+    units = [blocks[i:i + blocks_per_unit] for i in range(0, len(blocks), blocks_per_unit)]
+    for i, unit in enumerate(units):
+        fully_shard(unit if len(unit) > 1 else unit[0], mp_policy=policy,
+                    reshard_after_forward=reshard == "always" or (reshard == "auto" and i < len(units) - 1))
     fully_shard(model)  # the root keeps its parameters gathered from forward to backward (FSDP2's rule)
     return model
 

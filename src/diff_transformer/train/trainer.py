@@ -182,7 +182,7 @@ class Trainer:
         self.compiled = cfg.compile if isinstance(cfg.compile, bool) else self.device.type == "cuda"
         self.wrapped = parallelize(self.model, self.mode, info, mixed_precision=self.amp,
                                    activation_checkpointing=cfg.activation_checkpointing, compile=self.compiled,
-                                   reshard=cfg.fsdp_reshard)
+                                   reshard=cfg.fsdp_reshard, blocks_per_unit=cfg.fsdp_blocks_per_unit)
         self.forward = self.wrapped
         # Evaluation runs outside DDP (no gradients to synchronise); FSDP needs its wrapper.
         self._eval_model = self.wrapped if self.mode != "ddp" else self.model
