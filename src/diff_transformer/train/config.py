@@ -132,9 +132,8 @@ def _check_literals(obj: Any) -> None:
 # Keys that may change when a run is resumed: they do not change what is trained (grad_accum splits the
 # same global batch into other micro-batches: e.g. twice the accumulation on half the GPUs).
 RESUMABLE_CHANGES = frozenset(
-    {"train.log_every", "train.ckpt_every", "train.keep_last", "train.compile", "train.parallel", "train.fsdp_reshard", "train.fsdp_blocks_per_unit",
-     "train.profile_steps",
-     "train.activation_checkpointing", "train.grad_accum",
+    {"train.log_every", "train.ckpt_every", "train.keep_last", "train.compile", "train.parallel", "train.fsdp_reshard",
+     "train.fsdp_blocks_per_unit", "train.profile_steps", "train.activation_checkpointing", "train.grad_accum",
      "train.max_bad_steps", "train.on_bad_steps", "train.eval_every", "train.device"}
 )
 
