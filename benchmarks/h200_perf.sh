@@ -4,15 +4,16 @@
 #
 #   OUT=runs/perf bash benchmarks/h200_perf.sh [STAGE ...]        # from the repository root
 #
-# Stages (all of them, in this order, without arguments; at most ~20 min of the two GPUs by the limits):
+# Stages (all of them, in this order, without arguments; at most ~23 min of the two GPUs by the limits):
 #   gpu1     on GPU 1 alone: the `auto` table again (build, then check; session 5 timed its inference rows with
 #            autograd recording), then attention.py --model-only
 #   gpu0     on GPU 0 alone, meanwhile: the trainer's compiled speed for both models at `base` 1K, one GPU
 #            (multigpu.py --part scaling --compile --two-gpu none: the 1-GPU runs only)
 #   both     after gpu0 and gpu1: FSDP2 compiled against one GPU for both models (the compile default), with
 #            reshard settings and 1, 5 and 10 blocks a unit (the host-bound check); multigpu.py writes after
-#            every run, so a stopped command keeps its runs
-# Each command has its own time limit (LIMIT_* below), so a slow one cannot eat the session; a stopped
+#            every run, so a stopped command keeps its runs; then paper-6.8b under FSDP2, and DDP (expected
+#            out of memory: 8.1B parameters, 121 GiB before activations)
+# Each command has its own time limit (the first argument of run), so a slow one cannot eat the session; a stopped
 # command keeps what it had written. Results go to $OUT/*.json; copy the ones to keep into benchmarks/results/.
 set -uo pipefail
 # This checkout's package first: the auto check must read the table the build stage just wrote.
@@ -46,6 +47,8 @@ both() {
   unset CUDA_VISIBLE_DEVICES
   run 420 multigpu-compile python benchmarks/multigpu.py --part scaling --compile --two-gpu ddp,fsdp \
     --fsdp auto,never,auto/5,never/10 --steps 50 --skip 15 --work-dir "$OUT/mg-2" --out "$OUT/multigpu-compile.json"
+  run 360 multigpu-largest python benchmarks/multigpu.py --part largest --layouts paper-6.8b \
+    --work-dir "$OUT/mg-3" --out "$OUT/multigpu-largest.json"
 }
 
 stages=("$@")

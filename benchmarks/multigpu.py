@@ -323,12 +323,29 @@ def main() -> int:
                                     eval_every=0, eval_batches=1, ckpt_every=0, log_every=1, seed=0, device=device,
                                     activation_checkpointing=True, compile=args.compile)
             tried, largest = [], None
+            before = json.loads(out.read_text()).get("largest", {}).get("runs", []) if out.is_file() else []
+            settings = {"steps": large_steps, "global_batch": large_batch, "seq_len": large_seq,
+                        "activation_checkpointing": True,
+                        "mixed_precision": "blocks: bf16 params, fp32 reductions; fp32 root and residual",
+                        "vocab": "the run's tokenizer (8192 BPE ids), not the paper's 100,288"}
+
+            def record(entry: dict) -> None:
+                """Add a run and write the section (after every run: a stopped command keeps it). Runs of
+                earlier invocations (other --layouts) stay, unless this one ran the same layout and mode."""
+                tried.append(entry)
+                done = {(t["layout"], t["parallel"]) for t in tried}
+                runs = [r for r in before if (r["layout"], r["parallel"]) not in done] + tried
+                trained = [r for r in runs if r["parallel"] == "fsdp" and r["ok"]]
+                best = max(trained, key=lambda r: r.get("parameters_estimated") or 0, default=None)
+                write(out, "largest", {"settings": settings, "largest_trained_with_fsdp": best["layout"] if best else None,
+                                       "runs": runs})
+
             for name, model in layouts:
                 model = model.replace(max_seq_len=max(model.max_seq_len, large_seq))
                 cfg = config(f"large-{name}", model, train_cfg)
                 run = summary(train(cfg, work / f"large-{name}", 2, ["parallel=fsdp"], cache, args.timeout), 1)
-                params = _parameters(work / f"large-{name}")
-                tried.append({"layout": name, "parallel": "fsdp", "parameters_estimated": params, **run})
+                record({"layout": name, "parallel": "fsdp", "parameters_estimated": _parameters(work / f"large-{name}"),
+                        **run})
                 print(name, "fsdp", run["ok"], run["tokens_per_s"], run["peak_memory_mib_rank0"], flush=True)
                 shutil.rmtree(work / f"large-{name}", ignore_errors=True)  # a checkpoint of up to ~80 GB
                 if not run["ok"]:
@@ -337,21 +354,9 @@ def main() -> int:
             if largest is not None:
                 name, cfg = largest
                 run = summary(train(cfg, work / f"large-{name}-ddp", 2, ["parallel=ddp"], cache, args.timeout), 1)
-                tried.append({"layout": name, "parallel": "ddp", **run})
+                record({"layout": name, "parallel": "ddp", **run})
                 print(name, "ddp", run["ok"], run["out_of_memory"], flush=True)
                 shutil.rmtree(work / f"large-{name}-ddp", ignore_errors=True)
-            # Runs of earlier invocations (other --layouts) stay, unless this one ran the same layout and mode.
-            before = json.loads(out.read_text()).get("largest", {}).get("runs", []) if out.is_file() else []
-            runs = [r for r in before if (r["layout"], r["parallel"]) not in {(t["layout"], t["parallel"]) for t in tried}]
-            runs += tried
-            trained = [r for r in runs if r["parallel"] == "fsdp" and r["ok"]]
-            best = max(trained, key=lambda r: r.get("parameters_estimated") or 0, default=None)
-            write(out, "largest", {
-                "settings": {"steps": large_steps, "global_batch": large_batch, "seq_len": large_seq,
-                             "activation_checkpointing": True,
-                             "mixed_precision": "blocks: bf16 params, fp32 reductions; fp32 root and residual",
-                             "vocab": "the run's tokenizer (8192 BPE ids), not the paper's 100,288"},
-                "largest_trained_with_fsdp": best["layout"] if best else None, "runs": runs})
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
