@@ -556,7 +556,7 @@ class Trainer:
                                  "tokens_per_s": tok_s, "train_seconds": self._train_time,
                                  "train_seconds_total": self._train_time_total, "step_seconds": step_time,
                                  **self.instruments()})
-                if not log_step or not finite:
+                if log_step and not finite:  # recorded but not read (other steps record nothing)
                     self._reset_instruments()
                 if bar is not None:
                     bar.update(1)
