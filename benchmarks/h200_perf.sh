@@ -19,6 +19,7 @@ set -uo pipefail
 # This checkout's package first: the auto check must read the table the build stage just wrote.
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-runs/perf}
+PY=${PYTHON:-python3}  # the interpreter that has torch (plain python3 on the project's GPU machines)
 mkdir -p "$OUT"
 LOG=$OUT/perf.log
 log() { echo "[$(date +%T)] $*" >> "$LOG"; }
@@ -31,23 +32,23 @@ run() {  # run LIMIT NAME CMD...: one command, its output in $OUT/NAME.log
 
 gpu1() {
   export CUDA_VISIBLE_DEVICES=1
-  run 240 auto-build python benchmarks/attention.py --auto-table --write-table src/diff_transformer/attention/auto_table.json \
+  run 240 auto-build "$PY" benchmarks/attention.py --auto-table --write-table src/diff_transformer/attention/auto_table.json \
     --out "$OUT/auto-table-build.json"
-  run 180 auto-check python benchmarks/attention.py --auto-table --out "$OUT/auto-table-check.json"
-  run 180 attention-model python benchmarks/attention.py --model-only --out "$OUT/attention-model.json"
+  run 180 auto-check "$PY" benchmarks/attention.py --auto-table --out "$OUT/auto-table-check.json"
+  run 180 attention-model "$PY" benchmarks/attention.py --model-only --out "$OUT/attention-model.json"
 }
 
 gpu0() {
   export CUDA_VISIBLE_DEVICES=0
-  run 300 compile-1gpu python benchmarks/multigpu.py --part scaling --compile --two-gpu none --steps 50 --skip 15 \
+  run 300 compile-1gpu "$PY" benchmarks/multigpu.py --part scaling --compile --two-gpu none --steps 50 --skip 15 \
     --work-dir "$OUT/mg-1" --out "$OUT/multigpu-compile-1gpu.json"
 }
 
 both() {
   unset CUDA_VISIBLE_DEVICES
-  run 420 multigpu-compile python benchmarks/multigpu.py --part scaling --compile --two-gpu ddp,fsdp \
+  run 420 multigpu-compile "$PY" benchmarks/multigpu.py --part scaling --compile --two-gpu ddp,fsdp \
     --fsdp auto,never,auto/5,never/10 --steps 50 --skip 15 --work-dir "$OUT/mg-2" --out "$OUT/multigpu-compile.json"
-  run 360 multigpu-largest python benchmarks/multigpu.py --part largest --layouts paper-6.8b \
+  run 360 multigpu-largest "$PY" benchmarks/multigpu.py --part largest --layouts paper-6.8b \
     --work-dir "$OUT/mg-3" --out "$OUT/multigpu-largest.json"
 }
 

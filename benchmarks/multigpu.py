@@ -245,9 +245,10 @@ def main() -> int:
         print(f"wrote {out}")
         return 0
     gpus = torch.cuda.device_count()
-    if not args.smoke and gpus < (1 if args.two_gpu == "none" else 2):
-        print(f"error: {gpus} GPU(s) visible: run on a machine with two (or pass --smoke for the CPU check)",
-              file=sys.stderr)
+    need = 1 if args.two_gpu == "none" else 2
+    if not args.smoke and gpus < need:
+        print(f"error: {gpus} GPU(s) visible: run on a machine with {'one' if need == 1 else 'two'} "
+              "(or pass --smoke for the CPU check)", file=sys.stderr)
         return 2
     if args.data_dir is not None:
         source = str(args.data_dir)
