@@ -235,6 +235,12 @@ def write(path: Path, key: str, value) -> dict:
 
 def main() -> int:
     args = parse_args()
+    for spec in args.fsdp.split(","):
+        reshard, _, blocks = spec.partition("/")
+        if reshard not in ("auto", "always", "never") or (blocks and not (blocks.isdigit() and int(blocks) > 0)):
+            print(f"error: --fsdp {spec!r}: give RESHARD[/BLOCKS], RESHARD one of auto, always, never and BLOCKS a "
+                  "positive integer (e.g. auto,never/5)", file=sys.stderr)
+            return 2
     if args.collect is not None:
         results = collect(args.collect, args.skip)
         if not results:

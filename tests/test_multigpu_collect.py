@@ -54,3 +54,12 @@ def test_collect_of_an_empty_folder_is_a_user_error(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: no run folders")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("spec", ["sometimes", "never/0", "auto/x", "auto,never/-1"])
+def test_bad_fsdp_spec_is_a_user_error(tmp_path, spec):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--fsdp", spec, "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --fsdp") and len(proc.stderr.splitlines()) == 1
+    assert not out.exists()

@@ -76,6 +76,13 @@ def quiet(*a, **k):
     ("steps", 0, "train.steps"),
     ("lr", -1.0, "train.lr"),
     ("dtype", "fp16", "train.dtype"),
+    ("compile", "maybe", "train.compile='maybe' is not one of"),
+    ("compile", 1.5, "train.compile"),
+    ("fsdp_reshard", "sometimes", "train.fsdp_reshard"),
+    ("fsdp_reshard", True, "train.fsdp_reshard"),
+    ("fsdp_blocks_per_unit", 0, "train.fsdp_blocks_per_unit must be a positive integer"),
+    ("fsdp_blocks_per_unit", 2.5, "train.fsdp_blocks_per_unit"),
+    ("fsdp_blocks_per_unit", 2**70, "train.fsdp_blocks_per_unit"),
 ])
 def test_train_config_rejects_bad_values(field, value, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
@@ -100,6 +107,8 @@ def test_overrides_coerce_resolve_and_rederive():
     ("steps=1.5", "expected int"),
     ("schedule=exp", "choose one of"),
     ("compile=maybe", "expected bool"),
+    ("fsdp_reshard=sometimes", "choose one of"),
+    ("fsdp_blocks_per_unit=x", "expected int"),
     ("model.vocab_size=10", "set from the tokenizer"),
     ("optim.lr=1", "unknown section"),
     ("lr", "expected key=value"),

@@ -73,8 +73,6 @@ class TrainConfig:
             if tp is float and isinstance(getattr(self, name), int):
                 setattr(self, name, float(getattr(self, name)))
         _check_literals(self)
-        if isinstance(self.compile, str) and self.compile != "auto":
-            raise ConfigError(f"train.compile={self.compile!r} is not one of [true, false, 'auto']")
         for name in ("batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last", "log_every", "max_bad_steps",
                      "fsdp_blocks_per_unit"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
@@ -122,11 +120,15 @@ class TrainConfig:
 
 
 def _check_literals(obj: Any) -> None:
+    """A string for a Literal field, or for a union with one (``bool | Literal["auto"]``), is one of its choices."""
     hints = get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        choices = get_args(hints[f.name])
-        if get_origin(hints[f.name]) is Literal and getattr(obj, f.name) not in choices:
-            raise ConfigError(f"train.{f.name}={getattr(obj, f.name)!r} is not one of {list(choices)}")
+        tp, value = hints[f.name], getattr(obj, f.name)
+        members = get_args(tp) if get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        choices = [c for m in members if get_origin(m) is Literal for c in get_args(m)]
+        if choices and (isinstance(value, str) or len(members) == 1) and value not in choices:
+            shown = ([True, False] if bool in members else []) + choices
+            raise ConfigError(f"train.{f.name}={value!r} is not one of {shown}")
 
 
 # Keys that may change when a run is resumed: they do not change what is trained (grad_accum splits the
