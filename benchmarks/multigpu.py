@@ -66,6 +66,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--models", default="diff,baseline", help="models of --part scaling (of the matched pair)")
     p.add_argument("--two-gpu", default="ddp,fsdp",
                    help="the 2-GPU runs of --part scaling beside the 1-GPU one (none: the 1-GPU run only)")
+    p.add_argument("--reuse-one-gpu", action="store_true",
+                   help="take each model's 1-GPU run from --out (an earlier invocation with the same settings, e.g. "
+                        "--two-gpu none on one GPU while the other was busy) rather than running it again")
     p.add_argument("--fsdp", default="auto", metavar="RESHARD[/BLOCKS],...",
                    help="FSDP2 runs, one for each train.fsdp_reshard value, optionally with train.fsdp_blocks_per_unit "
                         "(e.g. auto,never,auto/5); named fsdp for auto, else fsdp-RESHARD[-uBLOCKS]")
@@ -172,6 +175,12 @@ def summary(run: dict, skip: int) -> dict:
             "loss_curve": [[r["step"], r["loss"]] for r in train], "checkpoint_save": run["checkpoint"],
             "out_of_memory": run["out_of_memory"], "wall_seconds": run["wall_seconds"],
             "errors": run["errors"], **({"profile": run["profile"]} if run.get("profile") else {})}
+
+
+def trained(run: dict, steps: int) -> dict:
+    """``run`` with ``trained``: whether it completed all ``steps`` training steps, whatever came after them
+    (a large layout's final checkpoint may outlast the time limit, or the disk)."""
+    return {**run, "trained": any(step == steps for step, _ in run["loss_curve"])}
 
 
 def curve_difference(a: list, b: list) -> dict | None:
@@ -308,14 +317,25 @@ def main() -> int:
                         "compile": args.compile, "optimizer": "AdamW, fused on CUDA",
                         "fsdp_runs": {k: v[1:] for k, v in two_gpu.items() if k != "ddp"},
                         "tokenizer": data.tokenizer, "data": source}
-            results = {}
+            # Runs of an earlier invocation with the same settings stay in the record (this one's replace
+            # those of the same model and mode), so the 1-GPU and 2-GPU runs may come from separate commands.
+            earlier = json.loads(out.read_text()).get("scaling", {}) if out.is_file() else {}
+            same = {k: v for k, v in earlier.get("settings", {}).items() if k != "fsdp_runs"} == {
+                k: v for k, v in settings.items() if k != "fsdp_runs"}
+            results = earlier.get("results", {}) if same else {}
+            settings["fsdp_runs"] = {**(earlier["settings"].get("fsdp_runs", {}) if same else {}), **settings["fsdp_runs"]}
+            models = [(n, m) for n, m in zip(("diff", "baseline"), matched_pair(base)) if n in args.models.split(",")]
+            if args.reuse_one_gpu and (missing := [n for n, _ in models if "1gpu" not in results.get(n, {})]):
+                print(f"error: --reuse-one-gpu: {out} holds no 1-GPU run of {', '.join(missing)} with these settings "
+                      "(preset, steps, batch, sequence length, --skip, --compile): run them first with --two-gpu none",
+                      file=sys.stderr)
+                return 2
             section = scaling_section(settings, results)
-            for name, model in zip(("diff", "baseline"), matched_pair(base)):
-                if name not in args.models.split(","):
-                    continue
+            for name, model in models:
                 cfg = config(name, model, train_cfg)
-                results[name] = {}
-                for mode, procs, sets in [("1gpu", 1, []), *((m, 2, v) for m, v in two_gpu.items())]:
+                results.setdefault(name, {})
+                for mode, procs, sets in [*([] if args.reuse_one_gpu else [("1gpu", 1, [])]),
+                                          *((m, 2, v) for m, v in two_gpu.items())]:
                     run = train(cfg, work / f"{name}-{'1' if mode == '1gpu' else mode}", procs, sets, cache, args.timeout)
                     results[name][mode] = summary(run, skip)
                     section = scaling_section(settings, results)  # after every run: a stopped command keeps it
@@ -342,7 +362,7 @@ def main() -> int:
                 tried.append(entry)
                 done = {(t["layout"], t["parallel"]) for t in tried}
                 runs = [r for r in before if (r["layout"], r["parallel"]) not in done] + tried
-                trained = [r for r in runs if r["parallel"] == "fsdp" and r["ok"]]
+                trained = [r for r in runs if r["parallel"] == "fsdp" and r.get("trained", r["ok"])]
                 best = max(trained, key=lambda r: r.get("parameters_estimated") or 0, default=None)
                 write(out, "largest", {"settings": settings, "largest_trained_with_fsdp": best["layout"] if best else None,
                                        "runs": runs})
@@ -350,19 +370,22 @@ def main() -> int:
             for name, model in layouts:
                 model = model.replace(max_seq_len=max(model.max_seq_len, large_seq))
                 cfg = config(f"large-{name}", model, train_cfg)
-                run = summary(train(cfg, work / f"large-{name}", 2, ["parallel=fsdp"], cache, args.timeout), 1)
+                run = trained(summary(train(cfg, work / f"large-{name}", 2, ["parallel=fsdp"], cache, args.timeout), 1),
+                              large_steps)
                 record({"layout": name, "parallel": "fsdp", "parameters_estimated": _parameters(work / f"large-{name}"),
                         **run})
-                print(name, "fsdp", run["ok"], run["tokens_per_s"], run["peak_memory_mib_rank0"], flush=True)
-                shutil.rmtree(work / f"large-{name}", ignore_errors=True)  # a checkpoint of up to ~80 GB
-                if not run["ok"]:
+                print(name, "fsdp", run["ok"], run["trained"], run["tokens_per_s"], run["peak_memory_mib_rank0"],
+                      run["checkpoint_save"], flush=True)
+                shutil.rmtree(work / f"large-{name}", ignore_errors=True)  # a checkpoint of up to ~100 GB
+                if not run["trained"]:
                     break
                 largest = (name, cfg)
             if largest is not None:
                 name, cfg = largest
-                run = summary(train(cfg, work / f"large-{name}-ddp", 2, ["parallel=ddp"], cache, args.timeout), 1)
+                run = trained(summary(train(cfg, work / f"large-{name}-ddp", 2, ["parallel=ddp"], cache, args.timeout), 1),
+                              large_steps)
                 record({"layout": name, "parallel": "ddp", **run})
-                print(name, "ddp", run["ok"], run["out_of_memory"], flush=True)
+                print(name, "ddp", run["ok"], run["trained"], run["out_of_memory"], flush=True)
                 shutil.rmtree(work / f"large-{name}-ddp", ignore_errors=True)
     finally:
         if args.work_dir is None:
