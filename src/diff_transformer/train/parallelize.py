@@ -139,6 +139,13 @@ def parallelize(model: nn.Module, mode: str, info: DistInfo, *, mixed_precision:
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        if compile:
+            # Inside DDP's forward, dynamo splits each graph it compiles at DDP's bucket boundaries (its
+            # "DDPOptimizer", meant for one compiled graph of the whole model). Our graphs are single blocks,
+            # each already a unit whose gradients DDP all-reduces as its backward ends; split, they lose
+            # fusion: on two H200s, DIFF at `base` compiled scaled 1.36x under DDP against 1.89x under FSDP2.
+            torch._dynamo.config.optimize_ddp = False
+
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DDP(model, device_ids=ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
