@@ -1,27 +1,23 @@
 #!/usr/bin/env bash
-# Issue 13's GPU runs still missing from benchmarks/NOTES.md, as stages that each write their JSON as they go,
-# for one 30-minute session on `nvidia-h200-x2` (the train config's compile default: compiled on CUDA).
+# Issue 13's two-GPU runs as one script for a 30-minute `nvidia-h200-x2` session: stages that each write their
+# JSON as they go (multigpu.py writes after every run), with the trainer's defaults (compiled on CUDA).
 #
 #   OUT=runs/perf bash benchmarks/h200_perf.sh [STAGE ...]        # from the repository root
 #
-# Stages (all of them, in this order, without arguments; ~25 min of the two GPUs by their limits):
-#   parallel  the GPUs apart: GPU 0 runs the 1-GPU runs of both models at `base`, 32 x 1024 and 64 x 2048
-#             tokens a step (multigpu.py --two-gpu none); GPU 1 rebuilds the `auto` table (its inference rows
-#             were timed with autograd recording in session 5)
-#   two1k     both GPUs: DDP and FSDP2 (blocks a unit 1, 5 and 10: the host-bound check) at 32 x 1024 against
-#             the 1-GPU runs of `parallel` (--reuse-one-gpu)
-#   two2k     the same at 64 x 2048 tokens a step: four times the GPU work a step for the same host work
-#   largest   paper-6.8b under FSDP2 (8.1B parameters with this vocabulary; its final checkpoint, ~97 GB, is
-#             timed), then under DDP (expected out of memory: 16 bytes a parameter are 121 GiB)
-# Each command has its own time limit (the first argument of run), so a slow one cannot eat the session; a
-# stopped command keeps what it had written. Results go to $OUT/*.json; copy the ones to keep into
-# benchmarks/results/.
+# Stages (without arguments: one2k two2k largest, ~20 min by their limits):
+#   one2k, one1k  the 1-GPU runs at 64 x 2048 (or 32 x 1024) tokens a step: DIFF on GPU 0 and the baseline on
+#                 GPU 1 at once (the timed steps of one overlap the other's compile at most; check step_seconds)
+#   two2k, two1k  both GPUs, each model in turn: DDP and FSDP2 (train.fsdp_reshard auto, and never with all ten
+#                 blocks as one unit) against that model's 1-GPU run (--reuse-one-gpu)
+#   largest       paper-6.8b (6.52B parameters with this vocabulary) under FSDP2, its final checkpoint (78 GB)
+#                 timed, then under DDP (16 bytes a parameter: 104 GB a GPU before activations)
+# Each command has its own time limit, so a slow one cannot eat the session; a stopped command keeps what it
+# had written. Results: $OUT/multigpu-<shape>-<model>.json and $OUT/multigpu-largest.json.
 set -uo pipefail
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's package first
 OUT=${OUT:-runs/perf}
 PY=${PYTHON:-python3}  # the interpreter that has torch (plain python3 on the project's GPU machines)
-mkdir -p "$OUT/mg-1k" "$OUT/mg-2k"
-[ -e "$OUT/mg-2k/cache" ] || ln -s ../mg-1k/cache "$OUT/mg-2k/cache"  # one token cache for both shapes
+mkdir -p "$OUT"
 LOG=$OUT/perf.log
 log() { echo "[$(date +%T)] $*" >> "$LOG"; }
 run() {  # run LIMIT NAME CMD...: one command, its output in $OUT/NAME.log
@@ -30,33 +26,32 @@ run() {  # run LIMIT NAME CMD...: one command, its output in $OUT/NAME.log
   timeout -s TERM "$limit" "$@" > "$OUT/$name.log" 2>&1
   log "$name rc=$?"
 }
-MG=("$PY" benchmarks/multigpu.py --part scaling --compile --timeout 240)
-K1=(--steps 50 --skip 15 --batch-size 32 --seq-len 1024 --work-dir "$OUT/mg-1k" --out "$OUT/multigpu-1k.json")
-K2=(--steps 30 --skip 10 --batch-size 64 --seq-len 2048 --work-dir "$OUT/mg-2k" --out "$OUT/multigpu-2k.json")
-
-gpu0() {
-  export CUDA_VISIBLE_DEVICES=0
-  run 200 one1k "${MG[@]}" "${K1[@]}" --two-gpu none
-  run 120 one2k "${MG[@]}" "${K2[@]}" --two-gpu none
+shape() {  # shape 1k|2k MODEL: multigpu.py's arguments for that shape and model (each model its own work folder)
+  local k=$1 m=$2
+  if [ "$k" = 2k ]; then echo --steps 30 --skip 10 --batch-size 64 --seq-len 2048; else echo --steps 50 --skip 15; fi
+  echo --models "$m" --work-dir "$OUT/mg-$k-$m" --out "$OUT/multigpu-$k-$m.json"
 }
-
-gpu1() {
-  export CUDA_VISIBLE_DEVICES=1
-  run 240 auto-build "$PY" benchmarks/attention.py --auto-table --write-table src/diff_transformer/attention/auto_table.json \
-    --out "$OUT/auto-table-build.json"
+MG=("$PY" benchmarks/multigpu.py --part scaling --compile --timeout 240)
+one() {
+  (CUDA_VISIBLE_DEVICES=0 run 240 "one$1-diff" "${MG[@]}" $(shape "$1" diff) --two-gpu none) &
+  (CUDA_VISIBLE_DEVICES=1 run 240 "one$1-baseline" "${MG[@]}" $(shape "$1" baseline) --two-gpu none) &
+  wait
+}
+two() {
+  for m in diff baseline; do
+    run 330 "two$1-$m" "${MG[@]}" $(shape "$1" "$m") --reuse-one-gpu --two-gpu ddp,fsdp --fsdp auto,never/10
+  done
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(parallel two1k two2k largest)
+[ ${#stages[@]} -eq 0 ] && stages=(one2k two2k largest)
 for s in "${stages[@]}"; do
   case $s in
-    parallel) (gpu0) & (gpu1) & wait ;;
-    gpu0|gpu1) ($s) ;;
-    two1k) run 420 two1k "${MG[@]}" "${K1[@]}" --reuse-one-gpu --two-gpu ddp,fsdp --fsdp auto,auto/5,never/10 ;;
-    two2k) run 240 two2k "${MG[@]}" "${K2[@]}" --reuse-one-gpu --two-gpu ddp,fsdp --fsdp auto/5 ;;
-    largest) run 420 largest "$PY" benchmarks/multigpu.py --part largest --layouts paper-6.8b --timeout 400 \
-      --work-dir "$OUT/mg-3" --out "$OUT/multigpu-largest.json" ;;
-    *) echo "unknown stage $s (parallel, gpu0, gpu1, two1k, two2k, largest)" >&2; exit 2 ;;
+    one1k|one2k) one "${s#one}" ;;
+    two1k|two2k) two "${s#two}" ;;
+    largest) run 540 largest "$PY" benchmarks/multigpu.py --part largest --layouts paper-6.8b --timeout 420 \
+      --work-dir "$OUT/mg-large" --out "$OUT/multigpu-largest.json" ;;
+    *) echo "unknown stage $s (one1k, one2k, two1k, two2k, largest)" >&2; exit 2 ;;
   esac
 done
 log "all done"

@@ -5,7 +5,7 @@ Run from the repository root on a machine with two GPUs (``nvidia-h200-x2``); ea
 
     python benchmarks/multigpu.py --part scaling       # base preset, DIFF and baseline: 1 GPU, DDP, FSDP2 (~6 min)
     python benchmarks/multigpu.py --part largest --layouts paper-1.4b,paper-2.8b   # FSDP2 + AC on 2 GPUs, then DDP
-    python benchmarks/multigpu.py --part largest --layouts paper-6.8b              # (~5 min: a 78 GB checkpoint)
+    python benchmarks/multigpu.py --part largest --layouts paper-6.8b              # (~6 min: a 78 GB checkpoint)
     python benchmarks/multigpu.py --smoke              # the same code on the CPU: gloo, 2 processes, tiny (~1 min)
     python benchmarks/multigpu.py --collect WORK_DIR --out F.json  # summarise the run folders a stopped command left
 
@@ -20,9 +20,10 @@ model the 2-GPU curves are compared with the 1-GPU curve step by step (same seed
 ``scaling`` writes ``results.<model>.<1gpu|ddp|fsdp>`` and the speed-ups (target: >= 1.85x for DDP and
 FSDP2); ``largest`` tries each ``--layouts`` preset under FSDP2 with activation checkpointing and bf16
 mixed precision (a few steps at ``--large-batch`` x 2048 tokens) until one fails, then DDP on the largest
-that trained (expected: out of memory from paper-6.8b on: 16 bytes a parameter on each GPU); runs of
+that trained (16 bytes a parameter on each GPU: paper-6.8b needs 104 GB before activations); runs of
 earlier invocations stay in the file. The layouts take the run's vocabulary (8192 BPE ids), not the
-paper's 100,288: the parameter counts are recorded. Output: ``benchmarks/results/multigpu-h200x2.json``.
+paper's 100,288: the parameter counts are recorded (counted on the meta device).
+Output: ``benchmarks/results/multigpu-h200x2.json``.
 """
 
 from __future__ import annotations
@@ -363,7 +364,7 @@ def main() -> int:
                 done = {(t["layout"], t["parallel"]) for t in tried}
                 runs = [r for r in before if (r["layout"], r["parallel"]) not in done] + tried
                 trained = [r for r in runs if r["parallel"] == "fsdp" and r.get("trained", r["ok"])]
-                best = max(trained, key=lambda r: r.get("parameters_estimated") or 0, default=None)
+                best = max(trained, key=lambda r: r.get("parameters") or r.get("parameters_estimated") or 0, default=None)
                 write(out, "largest", {"settings": settings, "largest_trained_with_fsdp": best["layout"] if best else None,
                                        "runs": runs})
 
@@ -372,7 +373,7 @@ def main() -> int:
                 cfg = config(f"large-{name}", model, train_cfg)
                 run = trained(summary(train(cfg, work / f"large-{name}", 2, ["parallel=fsdp"], cache, args.timeout), 1),
                               large_steps)
-                record({"layout": name, "parallel": "fsdp", "parameters_estimated": _parameters(work / f"large-{name}"),
+                record({"layout": name, "parallel": "fsdp", "parameters": _parameters(work / f"large-{name}"),
                         **run})
                 print(name, "fsdp", run["ok"], run["trained"], run["tokens_per_s"], run["peak_memory_mib_rank0"],
                       run["checkpoint_save"], flush=True)
@@ -395,13 +396,15 @@ def main() -> int:
 
 
 def _parameters(run_dir: Path) -> int | None:
-    """The parameter count of a run's model, an upper bound from its run.json (nothing is built)."""
-    from diff_transformer.config import estimated_parameters
+    """The parameter count of a run's model (its run.json), built on the meta device: nothing is allocated."""
+    from diff_transformer.model import DiffTransformerLM
 
     try:
-        return estimated_parameters(RunConfig.from_json(run_dir / "run.json").model)
+        config = RunConfig.from_json(run_dir / "run.json").model
     except (OSError, ValueError):
         return None
+    with torch.device("meta"):
+        return sum(p.numel() for p in DiffTransformerLM(config).parameters())
 
 
 if __name__ == "__main__":
