@@ -166,13 +166,15 @@ def test_ddp_keeps_each_compiled_block_one_graph(monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_block(self, backend=backend))
     ddp_init = DDP.__init__
     monkeypatch.setattr(DDP, "__init__", lambda self, *a, **kw: ddp_init(self, *a, **{**kw, "bucket_cap_mb": 1}))
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)  # torch's default; parallelize turns it off
     torch._dynamo.reset()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        model = DiffTransformerLM(preset("tiny", n_layers=2, dim=256, vocab_size=64), seed=0)
-        wrapped = parallelize(model, "ddp", DistInfo(), compile=True)
-        wrapped(torch.randint(0, 64, (2, 16))).float().sum().backward()
+        # torch's default, which parallelize turns off; config.patch restores the value after the test
+        # (pytest's monkeypatch would delete the config entry on undo).
+        with torch._dynamo.config.patch(optimize_ddp=True):
+            model = DiffTransformerLM(preset("tiny", n_layers=2, dim=256, vocab_size=64), seed=0)
+            wrapped = parallelize(model, "ddp", DistInfo(), compile=True)
+            wrapped(torch.randint(0, 64, (2, 16))).float().sum().backward()
     finally:
         dist.destroy_process_group()
         torch._dynamo.reset()
