@@ -193,9 +193,17 @@ def curve_difference(a: list, b: list) -> dict | None:
             "final_abs": diffs[-1][0], "steps_compared": len(diffs)}
 
 
+def fsdp_spec(spec: str) -> tuple[str, str] | None:
+    """``RESHARD[/BLOCKS]`` -> (reshard, blocks or ""); None if RESHARD or BLOCKS is not valid."""
+    reshard, _, blocks = spec.partition("/")
+    if reshard not in ("auto", "always", "never") or (blocks and not (blocks.isdigit() and int(blocks) > 0)):
+        return None
+    return reshard, blocks
+
+
 def fsdp_run(spec: str) -> tuple[str, list[str]]:
     """``RESHARD[/BLOCKS]`` -> (run name, --set items): auto -> fsdp; never/5 -> fsdp-never-u5."""
-    reshard, _, blocks = spec.partition("/")
+    reshard, blocks = fsdp_spec(spec)
     name = "fsdp" if spec == "auto" else f"fsdp-{reshard}" + (f"-u{blocks}" if blocks else "")
     return name, ["parallel=fsdp", f"fsdp_reshard={reshard}", *([f"fsdp_blocks_per_unit={blocks}"] if blocks else [])]
 
@@ -246,8 +254,7 @@ def write(path: Path, key: str, value) -> dict:
 def main() -> int:
     args = parse_args()
     for spec in args.fsdp.split(","):
-        reshard, _, blocks = spec.partition("/")
-        if reshard not in ("auto", "always", "never") or (blocks and not (blocks.isdigit() and int(blocks) > 0)):
+        if fsdp_spec(spec) is None:
             print(f"error: --fsdp {spec!r}: give RESHARD[/BLOCKS], RESHARD one of auto, always, never and BLOCKS a "
                   "positive integer (e.g. auto,never/5)", file=sys.stderr)
             return 2
@@ -363,8 +370,8 @@ def main() -> int:
                 tried.append(entry)
                 done = {(t["layout"], t["parallel"]) for t in tried}
                 runs = [r for r in before if (r["layout"], r["parallel"]) not in done] + tried
-                trained = [r for r in runs if r["parallel"] == "fsdp" and r.get("trained", r["ok"])]
-                best = max(trained, key=lambda r: r.get("parameters") or r.get("parameters_estimated") or 0, default=None)
+                with_fsdp = [r for r in runs if r["parallel"] == "fsdp" and r.get("trained", r["ok"])]
+                best = max(with_fsdp, key=lambda r: r.get("parameters") or r.get("parameters_estimated") or 0, default=None)
                 write(out, "largest", {"settings": settings, "largest_trained_with_fsdp": best["layout"] if best else None,
                                        "runs": runs})
 

@@ -61,8 +61,8 @@ class TrainConfig:
     # block but the last, whose backward comes right after its forward (auto)
     fsdp_reshard: FsdpReshard = "auto"
     # FSDP2: consecutive blocks that share one all-gather and one reduce-scatter (one unit). Fewer, larger
-    # units cost the host less per step (at `base` on two H200s FSDP2 is bound by that host work) and hold
-    # more gathered weights at a time; n_layers or more puts every block in one unit
+    # units hold more gathered weights at a time; whether they save host work depends on the host (half of
+    # FSDP2's on the CPU, none on an H200's: README); n_layers or more puts every block in one unit
     fsdp_blocks_per_unit: int = 1
     device: str = "auto"  # auto: cuda if available else cpu
     init_from: str | None = None  # model folder whose weights start the run (fine-tuning); None = init from seed
